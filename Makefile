@@ -1,0 +1,35 @@
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.genie-installed
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+# torch goes first and pinned: on a machine without CUDA, 2.13.0 is the local CPU wheel; anything
+# looser pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+	  $(BIN)/pip install -q torch; else $(BIN)/pip install -q torch==2.13.0; fi
+	$(BIN)/pip install -q triton trio numpy pytest pytest-trio hypothesis transformers ruff tqdm
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m genie demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	for f in bench/*.py; do $(BIN)/python $$f || exit 1; done
+
+lint: setup
+	$(BIN)/ruff check src kernels tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

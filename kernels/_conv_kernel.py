@@ -1,0 +1,256 @@
+"""Conv2d + BatchNorm (eval) + activation: the Triton kernels, the autotune configs and ``keep()``
+rule, and the launcher. Imported lazily, on the first Triton call (see ``_dispatch``).
+
+``_conv_gemm`` is an implicit GEMM: output pixels (batch x h_out x w_out) are the M dimension,
+output channels the N dimension, and (kernel tap, input channel) the reduction. Nothing is unfolded
+in memory; each step gathers an input tile for one tap and a block of channels straight from NCHW.
+``_conv_depthwise`` is a direct convolution for ``groups == in_channels``.
+
+BatchNorm is applied in the epilogue as a per-channel scale and shift computed from the running
+statistics in the kernel, so a call costs one launch and no weight rewrite; ``fold_batchnorm`` does
+the same fold into the weights once, for callers that keep weights resident.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._dispatch import build, device_guard, interpreted, next_power_of_2
+
+
+def _conv_gemm(
+    X, W, Bias, Mean, Var, Gamma, Beta, Out,  # pointers (Bias .. Beta may be None)
+    eps, batch, c_in, h_in, w_in, c_out, h_out, w_out, m_bucket,  # sizes (m_bucket: autotune key)
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,  # geometry
+    sxn, sxc, sxh, sxw,  # strides
+    swo, swc, swh, sww,
+    son, soc, soh, sow,
+    KH: tl.constexpr, KW: tl.constexpr, ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_AFFINE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped launch order: GROUP_M row tiles share each weight tile while it is in L2.
+    n_pix = h_out * w_out
+    m_total = batch * n_pix
+    tiles_m = (m_total + BLOCK_M - 1) // BLOCK_M
+    tiles_n = (c_out + BLOCK_N - 1) // BLOCK_N
+    pid = tl.program_id(0)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_m
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < m_total
+    n_ok = offs_n < c_out
+    img = offs_m // n_pix
+    oh = (offs_m % n_pix) // w_out
+    ow = offs_m % w_out
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_rows = X + img.to(tl.int64) * sxn
+    w_cols = W + offs_n.to(tl.int64) * swo
+
+    # One flat loop over (tap, channel block) pipelines better than two nested loops.
+    c_steps = (c_in + BLOCK_K - 1) // BLOCK_K
+    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=tl.float32)
+    for step in range(0, KH * KW * c_steps):
+        tap = step // c_steps
+        c = (step % c_steps) * BLOCK_K + offs_k
+        r = tap // KW
+        s = tap % KW
+        ih = ih0 + r * dil_h
+        iw = iw0 + s * dil_w
+        row_ok = m_ok & (ih >= 0) & (ih < h_in) & (iw >= 0) & (iw < w_in)
+        c_ok = c < c_in
+        a = tl.load(x_rows[:, None] + (ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
+                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(w_cols[None, :] + c[:, None] * swc + r * swh + s * sww,
+                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    # Epilogue: bias, BatchNorm(running stats) as scale/shift per output channel, activation.
+    y = acc
+    if HAS_BIAS:
+        y += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BN:
+        mean = tl.load(Mean + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        scale = tl.math.rsqrt(tl.load(Var + offs_n, mask=n_ok, other=1.0).to(tl.float32) + eps)
+        shift = -mean * scale
+        if HAS_AFFINE:
+            gamma = tl.load(Gamma + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            scale *= gamma
+            shift = shift * gamma + tl.load(Beta + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        y = y * scale[None, :] + shift[None, :]
+    if ACT == "relu":
+        y = tl.maximum(y, 0.0)
+    elif ACT == "gelu":
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACT == "silu":
+        y = y / (1.0 + tl.math.exp(-y))
+    out_rows = Out + img.to(tl.int64) * son + oh * soh + ow * sow
+    tl.store(out_rows[:, None] + offs_n[None, :] * soc, y.to(Out.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _conv_depthwise(
+    X, W, Bias, Mean, Var, Gamma, Beta, Out,  # pointers (Bias .. Beta may be None)
+    eps, c_out, h_in, w_in, h_out, w_out, multiplier,  # sizes (output channel k reads input k // multiplier)
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,  # geometry
+    sxn, sxc, sxh, sxw,  # strides
+    swo, swh, sww,
+    son, soc, soh, sow,
+    KH: tl.constexpr, KW: tl.constexpr, ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_AFFINE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    img = tl.program_id(2).to(tl.int64)
+    p_ok = offs_p < h_out * w_out
+    c_ok = offs_c < c_out
+    oh = offs_p // w_out
+    ow = offs_p % w_out
+    x_chan = X + img * sxn + (offs_c // multiplier).to(tl.int64) * sxc
+    acc = tl.full([BLOCK_C, BLOCK_P], 0.0, dtype=tl.float32)
+    for tap in tl.static_range(KH * KW):
+        r = tap // KW
+        s = tap % KW
+        ih = oh * stride_h - pad_h + r * dil_h
+        iw = ow * stride_w - pad_w + s * dil_w
+        ok = p_ok & (ih >= 0) & (ih < h_in) & (iw >= 0) & (iw < w_in)
+        x = tl.load(x_chan[:, None] + (ih * sxh + iw * sxw)[None, :], mask=c_ok[:, None] & ok[None, :], other=0.0)
+        w = tl.load(W + offs_c * swo + r * swh + s * sww, mask=c_ok, other=0.0)
+        acc += x.to(tl.float32) * w.to(tl.float32)[:, None]
+
+    # Epilogue as in _conv_gemm, with channels on axis 0.
+    y = acc
+    if HAS_BIAS:
+        y += tl.load(Bias + offs_c, mask=c_ok, other=0.0).to(tl.float32)[:, None]
+    if HAS_BN:
+        mean = tl.load(Mean + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        scale = tl.math.rsqrt(tl.load(Var + offs_c, mask=c_ok, other=1.0).to(tl.float32) + eps)
+        shift = -mean * scale
+        if HAS_AFFINE:
+            gamma = tl.load(Gamma + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+            scale *= gamma
+            shift = shift * gamma + tl.load(Beta + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        y = y * scale[:, None] + shift[:, None]
+    if ACT == "relu":
+        y = tl.maximum(y, 0.0)
+    elif ACT == "gelu":
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACT == "silu":
+        y = y / (1.0 + tl.math.exp(-y))
+    tl.store(Out + img * son + offs_c[:, None].to(tl.int64) * soc + (oh * soh + ow * sow)[None, :],
+             y.to(Out.dtype.element_ty), mask=c_ok[:, None] & p_ok[None, :])
+
+
+# --- configs ---------------------------------------------------------------------------------------
+
+INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}
+INTERPRET_DEPTHWISE = {"BLOCK_C": 16, "BLOCK_P": 32}
+
+CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 4, 4),
+        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+        (64, 64, 64, 4, 4), (64, 64, 32, 4, 5), (64, 32, 32, 4, 5), (32, 64, 32, 4, 5), (64, 64, 16, 4, 4),
+    ]
+]
+
+_SMEM_BYTES = 200 * 1024
+
+
+def keep(config: triton.Config, *, m: int, c_in: int, c_out: int, elem_size: int) -> bool:
+    """Whether an autotune config is worth timing for this conv (GEMM of m x c_out, reduction over
+    channels per tap)."""
+    bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    if bn > max(32, next_power_of_2(c_out)) or bm > max(32, next_power_of_2(m)):
+        return False  # tiles larger than the output only add masked work
+    if bk > max(16, next_power_of_2(c_in)):
+        return False  # e.g. a 3-channel stem: a wide K block would be mostly padding
+    if bk == 16 and c_in >= 32:
+        return False
+    return config.num_stages * (bm + bn) * bk * elem_size <= _SMEM_BYTES
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    shape = dict(m=named_args["batch"] * named_args["h_out"] * named_args["w_out"],
+                 c_in=named_args["c_in"], c_out=named_args["c_out"], elem_size=named_args["X"].element_size())
+    kept = [c for c in configs if keep(c, **shape)]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))]
+
+
+@functools.cache
+def _autotuned():
+    return triton.autotune(
+        configs=CONFIGS, key=["c_in", "c_out", "m_bucket", "KH", "KW", "stride_h", "stride_w", "ACT"],
+        prune_configs_by={"early_config_prune": _prune},
+    )(build(_conv_gemm, False))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 follows torch's cuDNN TF32 switch, as the unfused conv would."""
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, float] | None,
+           activation: str, stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+           depthwise: bool) -> torch.Tensor:
+    """Run the kernel on checked inputs (any strides); ``bn`` is (mean, var, gamma, beta, eps)."""
+    batch, c_in, h_in, w_in = x.shape
+    c_out, _, kh, kw = weight.shape
+    h_out = (h_in + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    w_out = (w_in + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out = torch.empty((batch, c_out, h_out, w_out), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    mean, var, gamma, beta, eps = bn if bn is not None else (None, None, None, None, 0.0)
+    interpret = interpreted(x.device)
+    flags = dict(KH=kh, KW=kw, ACT=activation, HAS_BIAS=bias is not None, HAS_BN=bn is not None,
+                 HAS_AFFINE=gamma is not None)
+    opts = {} if interpret else dict(enable_fp_fusion=True)
+    geometry = (*stride, *padding, *dilation)
+    with device_guard(x.device):
+        if depthwise:
+            sizes = dict(INTERPRET_DEPTHWISE) if interpret else _depthwise_blocks(h_out * w_out)
+            grid = (triton.cdiv(h_out * w_out, sizes["BLOCK_P"]), triton.cdiv(c_out, sizes["BLOCK_C"]), batch)
+            build(_conv_depthwise, interpret)[grid](
+                x, weight, bias, mean, var, gamma, beta, out,
+                float(eps), c_out, h_in, w_in, h_out, w_out, c_out // c_in, *geometry,
+                *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *out.stride(),
+                **flags, **sizes, **opts,
+            )
+            return out
+        m = batch * h_out * w_out
+        args = (
+            x, weight, bias, mean, var, gamma, beta, out,
+            float(eps), batch, c_in, h_in, w_in, c_out, h_out, w_out, max(16, next_power_of_2(m)), *geometry,
+            *x.stride(), *weight.stride(), *out.stride(),
+        )
+        flags["DOT_PRECISION"] = dot_precision(x.dtype)
+        if interpret:
+            grid = (triton.cdiv(m, INTERPRET_CONFIG["BLOCK_M"]) * triton.cdiv(c_out, INTERPRET_CONFIG["BLOCK_N"]),)
+            build(_conv_gemm, True)[grid](*args, **flags, **INTERPRET_CONFIG)
+        else:
+            grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(c_out, META["BLOCK_N"]),)
+            _autotuned()[grid](*args, **flags, **opts)
+    return out
+
+
+def _depthwise_blocks(n_pix: int) -> dict[str, int]:
+    # Memory-bound: a wide, coalesced run of pixels per channel, a few channels per program.
+    block_p = min(256, max(16, next_power_of_2(n_pix)))
+    return dict(BLOCK_P=block_p, BLOCK_C=max(1, 2048 // block_p), num_warps=4)

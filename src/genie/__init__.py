@@ -1,0 +1,25 @@
+"""Genie: a remote GPU that looks like a local PyTorch device."""
+
+from genie._errors import (
+    AuthenticationError,
+    ConnectionLostError,
+    GenieError,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteExecutionError,
+    RemoteMemoryError,
+    RemoteProtocolError,
+    UnsupportedOpError,
+)
+from genie.lazy import LazyTensor, capture, get_graph, trace
+from genie.graph import Graph
+from genie.runtime import execute
+from genie._setup import setup as _setup, stats
+
+_setup()
+
+__all__ = [
+    "AuthenticationError", "ConnectionLostError", "GenieError", "Graph", "LazyTensor",
+    "LocalProtocolError", "ProtocolError", "RemoteExecutionError", "RemoteMemoryError",
+    "RemoteProtocolError", "UnsupportedOpError", "capture", "execute", "get_graph", "stats", "trace",
+]

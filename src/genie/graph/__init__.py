@@ -1,0 +1,7 @@
+"""Node/Graph IR, its wire form, its digest and its torch.fx view."""
+
+from genie.graph._ir import CONST, INPUT, RESIDENT, SOURCE_OPS, Graph, Node, Ref, TensorMeta, map_refs
+from genie.graph._ops import resolve_op
+
+__all__ = ["CONST", "INPUT", "RESIDENT", "SOURCE_OPS", "Graph", "Node", "Ref", "TensorMeta", "map_refs",
+           "resolve_op"]

@@ -1,0 +1,12 @@
+"""The capture layer: LazyTensor, dispatch, factory interception and the capture API.
+
+(Named `lazy` so that `genie.capture`, the context manager, does not shadow it.)
+"""
+
+from genie.lazy._api import capture, get_graph, install_module_hooks, trace
+from genie.lazy._device import DEVICE_TYPE, register
+from genie.lazy._lazy import LazyTensor, materialize
+from genie.lazy._meta import SHAPES
+
+__all__ = ["DEVICE_TYPE", "SHAPES", "LazyTensor", "capture", "get_graph", "install_module_hooks",
+           "materialize", "register", "trace"]

@@ -1,0 +1,110 @@
+"""``genie.lazy()``, ``genie.get_graph()``, ``genie.trace()`` and module-path tracking."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from genie.lazy._lazy import LazyTensor, capture_stack, module_stack, wrap
+from genie.lazy._recorder import Recorder
+from genie.graph import Graph
+
+_tls = threading.local()
+_names: weakref.WeakKeyDictionary[torch.nn.Module, dict[int, str]] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def capture() -> Iterator[Recorder]:
+    """Record everything inside lazily; factory calls with no device land on the remote device.
+
+    Thread-local and nestable. CPU parameters and module buffers used inside become weights
+    (named by content digest), other CPU tensors become inputs in first-use order. Gradients are
+    not recorded: the block runs under ``torch.no_grad()``.
+    """
+    rec = Recorder("capture")
+    stack = capture_stack()
+    stack.append(rec)
+    try:
+        with torch.no_grad(), torch.device("remote_accelerator:0"):
+            yield rec
+    finally:
+        stack.remove(rec)
+    _tls.last = rec.graph(rec.live_outputs())
+
+
+def get_graph() -> Graph:
+    """The graph of this thread's last finished ``capture()``."""
+    g = getattr(_tls, "last", None)
+    if g is None:
+        raise RuntimeError("genie.get_graph(): no capture has finished in this thread")
+    return g
+
+
+def trace(fn: Callable[..., Any], *example_inputs: torch.Tensor) -> Graph:
+    """Record ``fn(*example_inputs)`` as a Graph whose inputs and outputs are explicit.
+
+    Inputs are the example tensors' positions; any other CPU tensor ``fn`` reads is a constant.
+    """
+    rec = Recorder("trace")
+    stack = capture_stack()
+    stack.append(rec)
+    try:
+        with torch.no_grad(), torch.device("remote_accelerator:0"):
+            device = torch.device("remote_accelerator:0")
+            lazy = []
+            for t in example_inputs:
+                node = rec.input_node(t)
+                lazy.append(wrap(rec, node, 0, node.outputs[0], device))
+            result = fn(*lazy)
+    finally:
+        stack.remove(rec)
+    leaves, _ = tree_flatten(result)
+    outputs = [x for x in leaves if isinstance(x, LazyTensor)]
+    if not outputs:
+        raise TypeError("genie.trace: fn returned no tensor computed from its inputs")
+    return rec.graph(outputs)
+
+
+# -- module paths: recorded on every node -------------------------------------------------------
+def _qualified_name(module: torch.nn.Module, stack: list[str]) -> str:
+    if not stack:
+        _tls.root = module
+    root = getattr(_tls, "root", module)
+    names = _names.get(root)
+    if names is None:
+        names = _names[root] = {id(m): n for n, m in root.named_modules()}
+    name = names.get(id(module))
+    if name is None:  # a module called from outside its root's tree
+        name = f"{stack[-1]}.{type(module).__name__}" if stack else type(module).__name__
+    return name
+
+
+def _pre_hook(module: torch.nn.Module, args: Any) -> None:
+    stack = module_stack()
+    stack.append(_qualified_name(module, stack))
+    caps = capture_stack()
+    if caps:
+        caps[-1].weight_ids.update(id(b) for b in module.buffers(recurse=False))
+
+
+def _post_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+    stack = module_stack()
+    if stack:
+        stack.pop()
+
+
+_hooks_installed = False
+
+
+def install_module_hooks() -> None:
+    global _hooks_installed
+    if not _hooks_installed:
+        torch.nn.modules.module.register_module_forward_pre_hook(_pre_hook)
+        torch.nn.modules.module.register_module_forward_hook(_post_hook, always_call=True)
+        _hooks_installed = True

@@ -1,0 +1,399 @@
+"""LazyTensor: a wrapper subclass whose ``__torch_dispatch__`` records one node per aten op.
+
+Hot path (one op): convert args (LazyTensor -> Ref, CPU tensor -> constant or input), look the
+output metadata up in the shape cache (meta tensors on a miss), append a Node, wrap the outputs.
+Ops that return no tensor (``item``, ``equal``), copies to the CPU, and ops whose output shape
+depends on data run at once: they flush what is pending and carry on.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_map
+
+from genie._errors import UnsupportedOpError
+from genie.lazy._meta import SHAPES, infer, meta_tensor, op_info
+from genie.lazy._recorder import Recorder, content_digest
+from genie.graph import CONST, INPUT, RESIDENT, Node, Ref, TensorMeta
+from genie.graph._ops import op_name
+
+aten = torch.ops.aten
+_SOURCE_OPS = (CONST, INPUT, RESIDENT)
+_tls = threading.local()
+
+
+# -- which recorder records -------------------------------------------------------------------
+def capture_stack() -> list[Recorder]:
+    stack = getattr(_tls, "captures", None)
+    if stack is None:
+        stack = _tls.captures = []
+    return stack
+
+
+def current_recorder() -> Recorder:
+    stack = getattr(_tls, "captures", None)
+    if stack:
+        return stack[-1]
+    rec = getattr(_tls, "device", None)
+    if rec is None:
+        rec = _tls.device = Recorder("device")
+    return rec
+
+
+def module_path() -> str:
+    stack = getattr(_tls, "modules", None)
+    return stack[-1] if stack else ""
+
+
+def module_stack() -> list[str]:
+    stack = getattr(_tls, "modules", None)
+    if stack is None:
+        stack = _tls.modules = []
+    return stack
+
+
+# -- remote RNG: repeatable under torch.manual_seed --------------------------------------------
+class _RemoteRNG:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.seed(67280421310721)  # torch's CPU default, so runs repeat without a seed call too
+
+    def seed(self, s: int) -> None:
+        with self.lock:
+            self.base, self.count = int(s), 0
+
+    def next_seed(self) -> int:
+        with self.lock:
+            self.count += 1
+            return (self.base * 6364136223846793005 + self.count * 1442695040888963407) % (1 << 63)
+
+
+RNG = _RemoteRNG()
+
+
+# -- the tensor --------------------------------------------------------------------------------
+class LazyTensor(torch.Tensor):
+    """A tensor on ``remote_accelerator``: its value is a node of a recorded program."""
+
+    _node: Node
+    _index: int
+    _rec: Recorder
+    _meta: TensorMeta
+
+    @staticmethod
+    def __new__(cls, rec: Recorder, node: Node, index: int, meta: TensorMeta, device: torch.device):
+        t = torch.Tensor._make_wrapper_subclass(cls, meta.shape, strides=meta.stride,
+                                                storage_offset=meta.offset, dtype=meta.dtype,
+                                                device=device)
+        t._rec, t._node, t._index, t._meta = rec, node, index, meta
+        rec.track(t)
+        return t
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        return dispatch(func, args, kwargs or {})
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        text = repr(materialize([self])[0])
+        return f"{text[:-1]}, device='{self.device}')" if text.endswith(")") else text
+
+    def tolist(self) -> Any:
+        return self.cpu().tolist()
+
+    def numpy(self, *, force: bool = False) -> Any:
+        raise TypeError(f"can't convert {self.device} device type tensor to numpy. "
+                        "Use Tensor.cpu() to copy the tensor to host memory first.")
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        return (torch.as_tensor, (self.cpu(),))
+
+
+def wrap(rec: Recorder, node: Node, index: int, meta: TensorMeta, device: torch.device) -> LazyTensor:
+    return LazyTensor(rec, node, index, meta, device)
+
+
+# -- materialization ---------------------------------------------------------------------------
+def materialize(tensors: list[LazyTensor]) -> list[torch.Tensor]:
+    """CPU values of ``tensors``; one run per recorder involved."""
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    by_rec: dict[int, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_rec.setdefault(id(t._rec), []).append(i)
+    for idx in by_rec.values():
+        rec = tensors[idx[0]]._rec
+        fetched, _ = rec.flush([tensors[i] for i in idx])
+        for i, v in zip(idx, fetched, strict=True):
+            out[i] = v
+    return out  # type: ignore[return-value]
+
+
+def _to_host(v: Any) -> Any:
+    lazies = []
+    tree_map(lambda x: lazies.append(x) if isinstance(x, LazyTensor) else None, v)
+    if not lazies:
+        return v
+    values = dict(zip(map(id, lazies), materialize(lazies), strict=True))
+    return tree_map(lambda x: values[id(x)] if isinstance(x, LazyTensor) else x, v)
+
+
+# -- recording ---------------------------------------------------------------------------------
+def _device_error(a: torch.device, b: torch.device) -> RuntimeError:
+    return RuntimeError("Expected all tensors to be on the same device, but found at least two "
+                        f"devices, {a} and {b}!")
+
+
+class _Args:
+    """Converts one op's arguments for the recorder and builds its shape-cache key."""
+
+    __slots__ = ("rec", "key", "storages", "device", "lazy")
+
+    def __init__(self, rec: Recorder) -> None:
+        self.rec = rec
+        self.key: list = []
+        self.storages: dict[Ref, int] = {}  # storage of each tensor argument
+        self.device: torch.device | None = None
+        self.lazy = False
+
+    def convert(self, v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return self.tensor(v)
+        if type(v) in (list, tuple):
+            return type(v)(self.convert(x) for x in v)
+        self.key.append(type(v))
+        self.key.append(v)
+        return v
+
+    def tensor(self, t: torch.Tensor) -> Ref:
+        rec = self.rec
+        if type(t) is LazyTensor or isinstance(t, LazyTensor):
+            self.lazy = True
+            if self.device is None:
+                self.device = t.device
+            elif t.device != self.device:
+                raise _device_error(self.device, t.device)
+            node = t._node if t._rec is rec else import_into(rec, t)
+            if node.op in _SOURCE_OPS:
+                rec._sources[node.id] = node
+            self.key.append(t._meta)
+            ref = Ref(node.id, t._index)
+            self.storages[ref] = node.storages[t._index]
+            return ref
+        node = host_tensor_node(rec, t)
+        self.key.append(node.outputs[0])
+        ref = Ref(node.id, 0)
+        self.storages[ref] = node.storages[0]
+        return ref
+
+
+_DIGESTS: dict[int, tuple[Any, int, str]] = {}  # id(tensor) -> (weakref, version, digest)
+
+
+def _digest_cached(t: torch.Tensor) -> str:
+    hit = _DIGESTS.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    import weakref
+
+    d = content_digest(t)
+    _DIGESTS[id(t)] = (weakref.ref(t, lambda _, k=id(t): _DIGESTS.pop(k, None)), t._version, d)
+    return d
+
+
+def host_tensor_node(rec: Recorder, t: torch.Tensor) -> Node:
+    """A CPU tensor met by an op: a weight or captured constant, an input, or a device error."""
+    if rec.mode == "device":
+        if t.dim() != 0:
+            raise _device_error(torch.device("remote_accelerator:0"), t.device)
+        return rec.const_node(t)
+    if t.device.type != "cpu":
+        raise _device_error(torch.device("remote_accelerator:0"), t.device)
+    if rec.mode == "trace" or t.dim() == 0 or isinstance(t, torch.nn.Parameter) or id(t) in rec.weight_ids:
+        digest = _digest_cached(t)
+        node = rec.const_cache.get(digest)
+        if node is None:
+            node = rec.const_cache[digest] = rec.const_node(t, digest)
+        return node
+    return rec.input_node(t)
+
+
+def import_into(rec: Recorder, t: LazyTensor) -> Node:
+    """A tensor recorded elsewhere (another thread or capture) read by ``rec``."""
+    key = (id(t._node), t._index)
+    hit = rec.imports.get(key)
+    if hit is not None:
+        return hit[1]
+    src = t._node
+    if src.op == CONST:
+        digest = src.args[0]
+        node = rec.const_node(t._rec.constants[digest], digest)
+    else:
+        if src.op not in _SOURCE_OPS:
+            t._rec.flush()
+            src = t._node
+        if src.op == INPUT:
+            node = rec.const_node(t._rec.input_tensors[src.args[0]])
+        else:
+            nid = rec.new_id()
+            node = rec.add(Node(nid, RESIDENT, src.args, outputs=(t._meta,), storages=(nid,)))
+    rec.imports[key] = (src, node)  # holding src keeps its remote value alive
+    return node
+
+
+def dispatch(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Any:
+    special = SPECIAL.get(func)
+    if special is not None:
+        return special(func, args, kwargs)
+    info = op_info(func)
+    if not info.returns_tensors:
+        return func(*_to_host(args), **_to_host(kwargs))
+    if func.namespace not in ("aten", "prims"):
+        raise UnsupportedOpError(f"{func.namespace}::{func._opname}", "only aten and prims ops are recorded")
+    rec = current_recorder()
+    with rec.lock:
+        return _record(rec, func, info, args, kwargs)
+
+
+def _record(rec: Recorder, func, info, args: tuple, kwargs: dict) -> Any:
+    conv = _Args(rec)
+    cargs = tuple(conv.convert(a) for a in args)
+    ckwargs = {}
+    for k, v in kwargs.items():
+        conv.key.append(k)
+        ckwargs[k] = conv.convert(v)
+    device = conv.device or torch.device("remote_accelerator:0")
+    key = (func, *conv.key)
+    metas = SHAPES.lookup(key)
+    dynamic = False
+    if metas is None:
+        if info.dynamic_shape:
+            dynamic = True
+        else:
+            try:
+                metas = infer(func, *_meta_args(args, kwargs))
+            except (NotImplementedError, torch._subclasses.fake_tensor.DataDependentOutputException,
+                    torch._subclasses.fake_tensor.DynamicOutputShapeException):
+                dynamic = True
+            else:
+                SHAPES.store(key, metas)
+    nid = rec.new_id()
+
+    def arg_storage(pos: int | str | None) -> int | None:
+        v = None if pos is None else _arg_value(func, pos, cargs, ckwargs)
+        return conv.storages.get(v) if type(v) is Ref else None
+
+    n_out = len(func._schema.returns) if dynamic else len(metas)
+    storages = tuple(_or_new(rec, arg_storage(info.alias_of[min(i, len(info.alias_of) - 1)]))
+                     for i in range(n_out))
+    writes = tuple(s for s in (arg_storage(i) for i in info.writes) if s is not None) + \
+        tuple(s for s in (arg_storage(k) for k in info.write_kwargs) if s is not None)
+    node = rec.add(Node(nid, op_name(func), cargs, ckwargs, () if dynamic else metas, info.multi,
+                        storages, writes, module_path(), RNG.next_seed() if info.seeded else None))
+    if dynamic:
+        if func._schema.returns and str(func._schema.returns[-1].type) == "List[Tensor]":
+            raise UnsupportedOpError(op_name(func), "data-dependent number of outputs")
+        _, kept = rec.flush(extra=[Ref(nid, i) for i in range(n_out)])
+        outs = [wrap(rec, res, 0, meta, device) for res, meta in kept]
+        node.outputs = tuple(m for _, m in kept)
+    else:
+        if info.inplace_self:
+            target = _arg_value(func, info.alias_of[0], args, kwargs)
+            if isinstance(target, LazyTensor) and target._meta == metas[0]:
+                return target
+            # an out= op resized its output: a wrapper cannot change shape, so return a new one
+        outs = [wrap(rec, node, i, m, device) for i, m in enumerate(metas)]
+    if not info.multi:
+        return outs[0]
+    return list(outs) if str(func._schema.returns[0].type) == "List[Tensor]" else tuple(outs)
+
+
+def _arg_value(func, pos: int | str, args: tuple, kwargs: dict) -> Any:
+    if isinstance(pos, str):
+        return kwargs.get(pos)
+    if pos < len(args):
+        return args[pos]
+    return kwargs.get(func._schema.arguments[pos].name)
+
+
+def _or_new(rec: Recorder, storage: int | None) -> int:
+    return rec.new_id() if storage is None else storage
+
+
+def _meta_args(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def to_meta(x: Any) -> Any:
+        if isinstance(x, LazyTensor):
+            return meta_tensor(x._meta)
+        if isinstance(x, torch.Tensor):
+            return x.detach().to("meta")
+        if isinstance(x, torch.device):
+            return torch.device("meta")
+        return x
+
+    return tree_map(to_meta, args), tree_map(to_meta, kwargs)
+
+
+# -- ops handled before recording ----------------------------------------------------------------
+def _to_copy(func, args, kwargs):
+    device = kwargs.get("device")
+    if device is not None and torch.device(device).type == "cpu":
+        rest = {k: v for k, v in kwargs.items() if k != "device"}
+        (value,) = materialize([args[0]])
+        return func(value, **rest) if rest else value
+    return _default(func, args, kwargs)
+
+
+def copy_into(func, args, kwargs):
+    dst, src = args[0], args[1]
+    if not isinstance(dst, LazyTensor):  # remote -> host
+        (value,) = materialize([src])
+        return dst.copy_(value)
+    if not isinstance(src, LazyTensor) and _is_fresh_empty(dst, src):
+        rec = dst._rec
+        with rec.lock:
+            if rec.pending and rec.pending[-1] is dst._node:
+                rec.pending.pop()
+            if rec.history and rec.history[-1] is dst._node:
+                rec.history.pop()
+            dst._node, dst._index = rec.const_node(src.detach().clone()), 0
+            rec.track(dst)
+        return dst
+    if not isinstance(src, LazyTensor):
+        rec = current_recorder()
+        with rec.lock:
+            node = rec.const_node(src.detach().clone())
+            src = wrap(rec, node, 0, node.outputs[0], dst.device)
+    return _default(func, (dst, src, *args[2:]), kwargs)
+
+
+def _is_fresh_empty(dst: LazyTensor, src: torch.Tensor) -> bool:
+    """``.to(remote)`` is an empty then a copy_: the data can simply become a constant."""
+    n = dst._node
+    return (n.op in ("aten.empty.memory_format", "aten.empty_strided.default")
+            and bool(dst._rec.pending) and dst._rec.pending[-1] is n
+            and src.dtype == dst.dtype and tuple(src.shape) == tuple(dst.shape)
+            and src.is_contiguous() and dst.is_contiguous() and src.device.type == "cpu")
+
+
+def _alias(func, args, kwargs):
+    t = args[0]
+    return wrap(t._rec, t._node, t._index, t._meta, t.device)
+
+
+def _default(func, args, kwargs):
+    info = op_info(func)
+    rec = current_recorder()
+    with rec.lock:
+        return _record(rec, func, info, args, kwargs)
+
+
+SPECIAL: dict[Any, Callable] = {
+    aten._to_copy.default: _to_copy,
+    aten.copy_.default: copy_into,
+    aten.detach.default: _alias,
+    aten.alias.default: _alias,
+}

@@ -1,0 +1,237 @@
+"""The Recorder: pending nodes of one thread or one capture, and how they become a Graph and run.
+
+A LazyTensor names ``(node, index)``. Until it runs, a node is pending. A flush turns the pending
+nodes that matter (those reaching a wanted or still-alive tensor, and writes to storages those
+read) into a Graph, runs it, and rebinds every live tensor to a RESIDENT node: its value stays on
+the executor under a handle and the next graph reads it from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import threading
+import weakref
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+
+from genie.graph import CONST, INPUT, RESIDENT, Graph, Node, Ref, TensorMeta, map_refs
+from genie.runtime import backend
+
+if TYPE_CHECKING:
+    from genie.lazy._lazy import LazyTensor
+
+
+def content_digest(t: torch.Tensor) -> str:
+    """Names a constant by dtype, shape and bytes: equal weights share one upload."""
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+class Recorder:
+    """Records ops for one thread (``mode="device"``) or one capture (``"capture"``/``"trace"``)."""
+
+    def __init__(self, mode: str = "device") -> None:
+        self.mode = mode
+        self.lock = threading.RLock()
+        self.pending: list[Node] = []
+        self.history: list[Node] | None = [] if mode != "device" else None
+        self.constants: dict[str, torch.Tensor] = {}
+        self.input_tensors: list[torch.Tensor] = []
+        self._input_nodes: dict[int, Node] = {}  # id(cpu tensor) -> its INPUT node
+        self._sources: dict[int, Node] = {}  # id -> CONST/INPUT/RESIDENT nodes still referenced
+        self._live: dict[int, list[weakref.ref]] = {}  # pending node id -> its LazyTensors
+        self._origin: dict[int, Ref] = {}  # RESIDENT node id -> the value it stands for
+        self._ids = itertools.count(1)
+        self.weight_ids: set[int] = set()  # id() of module buffers seen in a capture: weights
+        self.const_cache: dict[str, Node] = {}  # digest -> CONST node (capture modes)
+        self.imports: dict[tuple[int, int], tuple[Node, Node]] = {}  # foreign value -> local node
+        self._created: list[weakref.ref] = []  # capture modes: every tensor made, for outputs
+        self.module_path = ""
+
+    # -- recording ----------------------------------------------------------------------------
+    def new_id(self) -> int:
+        return next(self._ids)
+
+    def add(self, node: Node) -> Node:
+        if node.op in (CONST, INPUT, RESIDENT):
+            self._sources[node.id] = node
+        else:
+            self.pending.append(node)
+        if self.history is not None:
+            self.history.append(node)
+        return node
+
+    def track(self, t: LazyTensor) -> None:
+        node = t._node
+        wr = weakref.ref(t)
+        if node.op not in (CONST, INPUT, RESIDENT):
+            self._live.setdefault(node.id, []).append(wr)
+        if self.history is not None:
+            self._created.append(wr)
+
+    def const_node(self, t: torch.Tensor, digest: str | None = None) -> Node:
+        digest = digest or content_digest(t)
+        self.constants.setdefault(digest, t.detach())
+        nid = self.new_id()
+        return self.add(Node(nid, CONST, (digest,), outputs=(TensorMeta.of(t),), storages=(nid,)))
+
+    def input_node(self, t: torch.Tensor) -> Node:
+        node = self._input_nodes.get(id(t))
+        if node is None:
+            nid = self.new_id()
+            meta = TensorMeta(tuple(t.shape), tuple(t.stride()), t.dtype, 0)
+            node = self.add(Node(nid, INPUT, (len(self.input_tensors),), outputs=(meta,), storages=(nid,)))
+            self._input_nodes[id(t)] = node
+            self.input_tensors.append(t)
+        return node
+
+    def resident_node(self, handle: int, meta: TensorMeta, storage: int) -> Node:
+        nid = self.new_id()
+        node = self.add(Node(nid, RESIDENT, (handle,), outputs=(meta,), storages=(storage,)))
+        weakref.finalize(node, backend().free, handle)
+        return node
+
+    # -- running ------------------------------------------------------------------------------
+    def flush(self, wanted: Iterable[LazyTensor] = (), extra: Iterable[Ref] = ()) -> tuple[list, list]:
+        """Run what is pending; fetch ``wanted`` to CPU; keep ``extra`` and live tensors remote.
+
+        Returns (fetched CPU tensors, metas of ``extra``) and leaves nothing pending.
+        """
+        with self.lock:
+            wanted = list(wanted)
+            extra = list(extra)
+            live = self._live_refs()
+            fetch_refs = [Ref(t._node.id, t._index) for t in wanted]
+            keep_refs = [r for r in itertools.chain(extra, live) if r not in fetch_refs] + \
+                [r for r in fetch_refs if r in live]
+            roots = fetch_refs + [r for r in keep_refs if r not in fetch_refs]
+            nodes = {n.id: n for n in self.pending} | self._sources
+            nodes.update((t._node.id, t._node) for t in wanted)
+            graph, inputs = build_graph(self.pending, nodes, roots, self.input_tensors)
+            pos = {r: i for i, r in enumerate(roots)}
+            result = backend().run(graph, inputs, fetch=[pos[r] for r in fetch_refs],
+                                   keep=[pos[r] for r in keep_refs], constants=self._constants_of(graph))
+            rebound = {}
+            for r, handle, meta in zip(keep_refs, result.handles, result.metas, strict=True):
+                old = nodes[r.node]
+                res = self.resident_node(handle, meta, old.storages[r.index])
+                if self.history is not None:
+                    self._origin[res.id] = self._origin.get(r.node, r)
+                rebound[r] = res
+            for r, refs in live.items():
+                for wr in refs:
+                    t = wr()
+                    if t is not None:
+                        t._node, t._index = rebound[r], 0
+            self.pending.clear()
+            self._live.clear()
+            self._sources.clear()  # sources are registered again when a new node reads them
+            metas = [result.metas[keep_refs.index(r)] for r in extra]
+            extra_nodes = [rebound[r] for r in extra]
+            return result.fetched, list(zip(extra_nodes, metas, strict=True))
+
+    def _live_refs(self) -> dict[Ref, list[weakref.ref]]:
+        live: dict[Ref, list[weakref.ref]] = {}
+        for nid, refs in self._live.items():
+            for wr in refs:
+                t = wr()
+                if t is not None and t._node.id == nid:
+                    live.setdefault(Ref(nid, t._index), []).append(wr)
+        return live
+
+    def _constants_of(self, graph: Graph) -> dict[str, torch.Tensor]:
+        return {n.args[0]: self.constants[n.args[0]] for n in graph.nodes if n.op == CONST}
+
+    def graph(self, outputs: list[LazyTensor]) -> Graph:
+        """The whole recorded program (capture and trace modes) computing ``outputs``."""
+        assert self.history is not None
+        nodes = {n.id: n for n in self.history}
+        roots = [self._origin.get(t._node.id, Ref(t._node.id, t._index)) for t in outputs]
+        history = [n for n in self.history if n.op != RESIDENT or n.id not in self._origin]
+        history = [_rewrite_origins(n, self._origin) for n in history]
+        graph, _ = build_graph(history, nodes, roots, self.input_tensors, keep_inputs=True)
+        graph.constants = self._constants_of(graph)
+        return graph
+
+    def live_outputs(self) -> list[LazyTensor]:
+        """Computed tensors of this capture still referenced, in creation order."""
+        alive = (wr() for wr in self._created)
+        return [t for t in alive if t is not None and t._node.op not in (CONST, INPUT)]
+
+
+def _rewrite_origins(n: Node, origin: dict[int, Ref]) -> Node:
+    if not origin or not any(r.node in origin for r in n.refs()):
+        return n
+    fix = lambda r: origin.get(r.node, r) if r.index == 0 else r
+    return Node(n.id, n.op, map_refs(n.args, fix), {k: map_refs(v, fix) for k, v in n.kwargs.items()},
+                n.outputs, n.multi, n.storages, n.writes, n.module, n.seed)
+
+
+def build_graph(
+    program: list[Node],
+    nodes: dict[int, Node],
+    roots: list[Ref],
+    input_tensors: list[torch.Tensor],
+    *,
+    keep_inputs: bool = False,
+) -> tuple[Graph, list[torch.Tensor]]:
+    """Select what ``roots`` need from ``program``, renumber densely, and name storages by order.
+
+    A node is needed when a needed node reads it, or when it writes a storage that a root or a
+    later needed node reads: dropping it would change what those see.
+    """
+    storage_of = lambda r: nodes[r.node].storages[r.index] if nodes[r.node].storages else None
+    needed: set[int] = {r.node for r in roots}
+    storages = {storage_of(r) for r in roots}
+    for n in reversed(program):
+        if n.id in needed or any(s in storages for s in n.writes):
+            needed.add(n.id)
+            for r in n.refs():
+                needed.add(r.node)
+                storages.add(storage_of(r))
+    if keep_inputs:
+        needed.update(n.id for n in program if n.op == INPUT)
+    renumber: dict[int, int] = {}
+    storage_ids: dict[int, int] = {}
+    out: list[Node] = []
+    inputs: list[torch.Tensor] = []
+    sid = lambda s: storage_ids.setdefault(s, len(storage_ids))
+    fix = lambda r: Ref(renumber[r.node], r.index)
+
+    def emit(n: Node) -> None:
+        args, kwargs = n.args, n.kwargs
+        if n.op == INPUT:
+            pos = n.args[0] if keep_inputs else len(inputs)
+            inputs.append(input_tensors[n.args[0]])
+            args = (pos,)
+        elif n.op not in (CONST, RESIDENT):
+            args = map_refs(n.args, fix)
+            kwargs = {k: map_refs(v, fix) for k, v in n.kwargs.items()}
+        renumber[n.id] = len(out)
+        out.append(Node(len(out), n.op, args, kwargs, n.outputs, n.multi,
+                        tuple(sid(s) for s in n.storages), tuple(sid(s) for s in n.writes),
+                        n.module, n.seed))
+
+    program_ids = {n.id for n in program}
+    for n in program:
+        if n.id not in needed:
+            continue
+        for r in n.refs():  # sources recorded elsewhere (an earlier flush, a weight) come first
+            if r.node not in renumber and r.node not in program_ids:
+                emit(nodes[r.node])
+        emit(n)
+    for r in roots:
+        if r.node not in renumber:
+            emit(nodes[r.node])
+    if keep_inputs:
+        inputs = list(input_tensors)
+    return Graph(out, [fix(r) for r in roots]), inputs

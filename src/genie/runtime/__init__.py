@@ -1,0 +1,6 @@
+"""Runs graphs against a backend: in process, or a remote ``genie serve`` over trio."""
+
+from genie.runtime._backend import Backend, RunResult, Stats, backend, set_backend, set_backend_factory
+from genie.runtime._execute import execute
+
+__all__ = ["Backend", "RunResult", "Stats", "backend", "execute", "set_backend", "set_backend_factory"]

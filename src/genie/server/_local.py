@@ -1,0 +1,39 @@
+"""The in-process backend: the server's Store and Interpreter, without a wire in between."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+import trio
+
+from genie.graph import Graph
+from genie.runtime import RunResult, Stats
+from genie.server._session import Store
+
+
+class LocalBackend:
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.store = Store(torch.device(device))
+        self.stats = Stats()
+        self._lock = threading.Lock()
+
+    def run(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int],
+            keep: Sequence[int], constants: dict[str, torch.Tensor]) -> RunResult:
+        with self._lock:
+            for d in self.store.missing(list(constants)):
+                self.store.put_constant(d, constants[d])
+            fetched, handles, metas = self.store.run(graph, inputs, fetch=fetch, keep=keep)
+            self.stats.runs += 1
+            # .cpu() of a CPU value would alias executor memory the next run may mutate
+            fetched = [t.detach().to("cpu", copy=True) for t in fetched]
+            return RunResult(fetched, handles, metas)
+
+    async def run_async(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int],
+                        keep: Sequence[int], constants: dict[str, torch.Tensor]) -> RunResult:
+        return await trio.to_thread.run_sync(
+            lambda: self.run(graph, inputs, fetch=fetch, keep=keep, constants=constants))
+
+    def free(self, handle: int) -> None:
+        self.store.free([handle])

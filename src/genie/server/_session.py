@@ -1,0 +1,48 @@
+"""What an executor holds for its clients: content-addressed constants and resident values."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+
+from genie.graph import Graph, TensorMeta
+from genie.server._interpreter import Interpreter
+
+
+class Store:
+    """Device tensors by content digest (weights) and by handle (values kept between runs)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.constants: dict[str, torch.Tensor] = {}
+        self.residents: dict[int, torch.Tensor] = {}
+        self._handles = itertools.count(1)
+
+    def missing(self, digests: Sequence[str]) -> list[str]:
+        return [d for d in digests if d not in self.constants]
+
+    def put_constant(self, digest: str, t: torch.Tensor) -> None:
+        if digest not in self.constants:
+            self.constants[digest] = t.to(self.device)
+
+    def run(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int],
+            keep: Sequence[int]) -> tuple[list[torch.Tensor], list[int], list[TensorMeta]]:
+        """Run; return fetched values (on device), handles and metas of kept ones."""
+        values = Interpreter(graph, device=self.device, constants=self.constants,
+                             residents=self.residents).run(inputs)
+        handles, metas = [], []
+        for i in keep:
+            h = next(self._handles)
+            self.residents[h] = values[i]
+            handles.append(h)
+            metas.append(TensorMeta.of(values[i]))
+        return [values[i] for i in fetch], handles, metas
+
+    def fetch(self, handle: int) -> torch.Tensor:
+        return self.residents[handle]
+
+    def free(self, handles: Sequence[int]) -> None:
+        for h in handles:
+            self.residents.pop(h, None)
