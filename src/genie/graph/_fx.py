@@ -31,8 +31,10 @@ def graph_to_fx(g: Graph) -> fx.GraphModule:
             values[(n.id, 0)] = fg.get_attr(name)
             continue
         look = lambda r: values[(r.node, r.index)]  # noqa: B023 (used at once)
-        out = fg.call_function(resolve_op(n.op), map_refs(tuple(n.args), look),
-                               {k: map_refs(v, look) for k, v in n.kwargs.items()})
+        kwargs = {k: map_refs(v, look) for k, v in n.kwargs.items()}
+        if isinstance(kwargs.get("device"), torch.device) and kwargs["device"].type != "cpu":
+            kwargs["device"] = torch.device("cpu")  # the module runs where its inputs are: here
+        out = fg.call_function(resolve_op(n.op), map_refs(tuple(n.args), look), kwargs)
         if n.multi:
             for i in range(len(n.outputs)):
                 values[(n.id, i)] = fg.call_function(operator.getitem, (out, i))

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
-from genie.lazy._lazy import LazyTensor, capture_stack, module_stack, wrap
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from genie.lazy._lazy import LazyTensor, capture_stack, dispatch, module_stack, wrap
 from genie.lazy._recorder import Recorder
 from genie.graph import Graph
 
@@ -31,11 +33,57 @@ def capture() -> Iterator[Recorder]:
     stack = capture_stack()
     stack.append(rec)
     try:
-        with torch.no_grad(), torch.device("remote_accelerator:0"):
+        with torch.no_grad(), _HostOpsMode():
             yield rec
     finally:
         stack.remove(rec)
     _tls.last = rec.graph(rec.live_outputs())
+
+
+class _HostOpsMode(TorchDispatchMode):
+    """Inside a capture every op is recorded: plain CPU tensors it meets become inputs.
+
+    Factories land on the remote device: at this level torch has already filled in
+    ``device=cpu``, so a factory named for the CPU and one with no device look alike.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _LIFT_FRESH:  # torch.tensor(data) in the program: a constant, not an input
+            capture_stack()[-1].weight_ids.add(id(args[0]))
+            return args[0]
+        if not _has_tensor(args) and not _has_tensor(kwargs.values()):
+            if "device" in kwargs and func in _FACTORY_DEVICE:
+                kwargs["device"] = _REMOTE
+            return func(*args, **kwargs)
+        return dispatch(func, args, kwargs)
+
+
+def _has_tensor(values) -> bool:
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return True
+        if type(v) in (list, tuple) and _has_tensor(v):
+            return True
+    return False
+
+
+class _FactorySet:
+    """Ops with a ``device`` argument and no tensor input: computed once per op."""
+
+    def __init__(self) -> None:
+        self._known: dict = {}
+
+    def __contains__(self, func) -> bool:
+        hit = self._known.get(func)
+        if hit is None:
+            hit = self._known[func] = any(a.name == "device" for a in func._schema.arguments)
+        return hit
+
+
+_FACTORY_DEVICE = _FactorySet()
+_REMOTE = "remote_accelerator:0"
+_LIFT_FRESH = torch.ops.aten.lift_fresh.default
 
 
 def get_graph() -> Graph:

@@ -340,7 +340,9 @@ def _meta_args(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 # -- ops handled before recording ----------------------------------------------------------------
 def _to_copy(func, args, kwargs):
     device = kwargs.get("device")
-    if device is not None and torch.device(device).type == "cpu":
+    if not isinstance(args[0], LazyTensor):  # a host tensor inside a capture: stays in the program
+        kwargs = {k: v for k, v in kwargs.items() if k != "device"}
+    elif device is not None and torch.device(device).type == "cpu":
         rest = {k: v for k, v in kwargs.items() if k != "device"}
         (value,) = materialize([args[0]])
         return func(value, **rest) if rest else value
@@ -349,6 +351,8 @@ def _to_copy(func, args, kwargs):
 
 def copy_into(func, args, kwargs):
     dst, src = args[0], args[1]
+    if not isinstance(dst, LazyTensor) and not isinstance(src, LazyTensor):  # inside a capture
+        return _default(func, args, kwargs)
     if not isinstance(dst, LazyTensor):  # remote -> host
         (value,) = materialize([src])
         return dst.copy_(value)
@@ -381,6 +385,8 @@ def _is_fresh_empty(dst: LazyTensor, src: torch.Tensor) -> bool:
 
 def _alias(func, args, kwargs):
     t = args[0]
+    if not isinstance(t, LazyTensor):
+        return _default(func, args, kwargs)
     return wrap(t._rec, t._node, t._index, t._meta, t.device)
 
 

@@ -1,0 +1,49 @@
+"""Small real architectures with random weights (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def gpt2(n_layer: int = 2, attn: str = "sdpa") -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=n_layer, n_embd=64, n_head=4, vocab_size=128, n_positions=64,
+                     bos_token_id=0, eos_token_id=0)
+    cfg._attn_implementation = attn
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def bert() -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                     vocab_size=128, max_position_embeddings=64)
+    return BertModel(cfg).eval()
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+def convnet() -> nn.Module:
+    torch.manual_seed(0)
+    net = ConvNet()
+    for m in net.modules():  # non-trivial running stats so the BN fold is actually tested
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
