@@ -5,9 +5,9 @@ import threading
 import pytest
 import torch
 import trio
+from _models import gpt2
 
 import genie
-from _models import gpt2
 
 DEV = "remote_accelerator:0"
 

@@ -1,9 +1,9 @@
 """Real architectures through remote_accelerator:0 match eager."""
 
 import torch
+from _models import bert, convnet, gpt2
 
 import genie
-from _models import bert, convnet, gpt2
 
 DEV = "remote_accelerator:0"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import torch
 
@@ -12,6 +12,7 @@ from genie._errors import UnsupportedOpError
 ALLOWED_NAMESPACES = ("aten", "prims")
 
 
+@cache
 def op_name(func: torch._ops.OpOverload) -> str:
     return f"{func.namespace}.{func._schema.name.split('::', 1)[1]}.{func._overloadname}"
 

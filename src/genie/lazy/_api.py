@@ -9,13 +9,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from torch.utils._python_dispatch import TorchDispatchMode
-
+from genie.graph import Graph
 from genie.lazy._lazy import LazyTensor, capture_stack, dispatch, module_stack, wrap
 from genie.lazy._recorder import Recorder
-from genie.graph import Graph
 
 _tls = threading.local()
 _names: weakref.WeakKeyDictionary[torch.nn.Module, dict[int, str]] = weakref.WeakKeyDictionary()
@@ -37,7 +36,8 @@ def capture() -> Iterator[Recorder]:
             yield rec
     finally:
         stack.remove(rec)
-    _tls.last = rec.graph(rec.live_outputs())
+    # The graph is built on first ask: a capture that nobody inspects costs only its recording.
+    _tls.last = (rec, rec.live_outputs(), None)
 
 
 class _HostOpsMode(TorchDispatchMode):
@@ -47,7 +47,7 @@ class _HostOpsMode(TorchDispatchMode):
     ``device=cpu``, so a factory named for the CPU and one with no device look alike.
     """
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def _dispatch(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is _LIFT_FRESH:  # torch.tensor(data) in the program: a constant, not an input
             capture_stack()[-1].weight_ids.add(id(args[0]))
@@ -57,6 +57,11 @@ class _HostOpsMode(TorchDispatchMode):
                 kwargs["device"] = _REMOTE
             return func(*args, **kwargs)
         return dispatch(func, args, kwargs)
+
+
+# Set after class creation: TorchDispatchMode wraps a class-body __torch_dispatch__ in a dynamo
+# guard that costs microseconds per op, and this handler never runs under dynamo.
+_HostOpsMode.__torch_dispatch__ = _HostOpsMode._dispatch
 
 
 def _has_tensor(values) -> bool:
@@ -88,10 +93,14 @@ _LIFT_FRESH = torch.ops.aten.lift_fresh.default
 
 def get_graph() -> Graph:
     """The graph of this thread's last finished ``capture()``."""
-    g = getattr(_tls, "last", None)
-    if g is None:
+    last = getattr(_tls, "last", None)
+    if last is None:
         raise RuntimeError("genie.get_graph(): no capture has finished in this thread")
-    return g
+    rec, outputs, graph = last
+    if graph is None:
+        graph = rec.graph(outputs)
+        _tls.last = (rec, outputs, graph)
+    return graph
 
 
 def trace(fn: Callable[..., Any], *example_inputs: torch.Tensor) -> Graph:
@@ -138,7 +147,7 @@ def _pre_hook(module: torch.nn.Module, args: Any) -> None:
     stack.append(_qualified_name(module, stack))
     caps = capture_stack()
     if caps:
-        caps[-1].weight_ids.update(id(b) for b in module.buffers(recurse=False))
+        caps[-1].weight_ids.update(map(id, module._buffers.values()))
 
 
 def _post_hook(module: torch.nn.Module, args: Any, output: Any) -> None:

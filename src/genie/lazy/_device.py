@@ -11,9 +11,9 @@ import types
 
 import torch
 
-from genie.lazy._lazy import RNG, copy_into, current_recorder, module_path, wrap
 from genie.graph import Node, TensorMeta
 from genie.graph._ops import op_name
+from genie.lazy._lazy import RNG, copy_into, current_recorder, module_path, wrap
 
 DEVICE_TYPE = "remote_accelerator"
 DEVICE_COUNT = 8  # logical devices; each is an index the server maps to its own device

@@ -9,6 +9,7 @@ depends on data run at once: they flush what is pending and carry on.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -16,10 +17,10 @@ import torch
 from torch.utils._pytree import tree_map
 
 from genie._errors import UnsupportedOpError
-from genie.lazy._meta import SHAPES, infer, meta_tensor, op_info
-from genie.lazy._recorder import Recorder, content_digest
 from genie.graph import CONST, INPUT, RESIDENT, Node, Ref, TensorMeta
 from genie.graph._ops import op_name
+from genie.lazy._meta import SHAPES, infer, meta_tensor, op_info
+from genie.lazy._recorder import Recorder, content_digest
 
 aten = torch.ops.aten
 _SOURCE_OPS = (CONST, INPUT, RESIDENT)
@@ -198,10 +199,9 @@ def _digest_cached(t: torch.Tensor) -> str:
     hit = _DIGESTS.get(id(t))
     if hit is not None and hit[0]() is t and hit[1] == t._version:
         return hit[2]
-    import weakref
-
+    key = id(t)
     d = content_digest(t)
-    _DIGESTS[id(t)] = (weakref.ref(t, lambda _, k=id(t): _DIGESTS.pop(k, None)), t._version, d)
+    _DIGESTS[key] = (weakref.ref(t, lambda _: _DIGESTS.pop(key, None)), t._version, d)
     return d
 
 

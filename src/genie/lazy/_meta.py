@@ -8,7 +8,7 @@ cache key holds each tensor's (shape, stride, dtype, offset) and every other arg
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -29,7 +29,7 @@ class OpInfo:
     dynamic_shape: bool  # output shape depends on data
 
 
-@lru_cache(maxsize=None)
+@cache
 def op_info(func: torch._ops.OpOverload) -> OpInfo:
     schema = func._schema
     arg_sets = []
@@ -47,7 +47,8 @@ def op_info(func: torch._ops.OpOverload) -> OpInfo:
             src = next((i for i, s in enumerate(arg_sets) if s & set(ai.before_set)), None)
         alias_of.append(src)
     rtypes = [str(r.type) for r in schema.returns]
-    returns_tensors = bool(rtypes) and all(t in ("Tensor", "Optional[Tensor]", "List[Tensor]") for t in rtypes)
+    tensor_types = ("Tensor", "Optional[Tensor]", "List[Tensor]")
+    returns_tensors = bool(rtypes) and all(t in tensor_types for t in rtypes)
     multi = len(schema.returns) > 1 or rtypes == ["List[Tensor]"]
     inplace_self = (len(schema.returns) == 1 and alias_of[0] is not None
                     and schema.returns[0].alias_info.is_write)
