@@ -23,7 +23,7 @@ demo: setup
 	$(BIN)/python -m genie demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -p no:cacheprovider || test $$? -eq 5  # 5: no tests collected
 
 bench: setup
 	for f in bench/*.py; do $(BIN)/python $$f || exit 1; done

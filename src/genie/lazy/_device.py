@@ -13,6 +13,7 @@ import torch
 
 from genie.graph import Node, TensorMeta
 from genie.graph._ops import op_name
+from genie.lazy import _lazy
 from genie.lazy._lazy import RNG, copy_into, current_recorder, module_path, wrap
 
 DEVICE_TYPE = "remote_accelerator"
@@ -106,6 +107,7 @@ def register() -> None:
         torch.utils.rename_privateuse1_backend(DEVICE_TYPE)
         torch._register_device_module(DEVICE_TYPE, mod)
         torch.utils.generate_methods_for_privateuse1_backend()
+    _lazy._DEFAULT_DEVICE = torch.device(f"{DEVICE_TYPE}:0")
     _lib = torch.library.Library("aten", "IMPL")
     _lib.impl("empty.memory_format", _empty, "PrivateUse1")
     _lib.impl("empty_strided", _empty_strided, "PrivateUse1")

@@ -18,11 +18,11 @@ from torch.utils._pytree import tree_map
 
 from genie._errors import UnsupportedOpError
 from genie.graph import CONST, INPUT, RESIDENT, Node, Ref, TensorMeta
-from genie.graph._ops import op_name
-from genie.lazy._meta import SHAPES, infer, meta_tensor, op_info
+from genie.lazy._meta import SHAPES, OpInfo, infer, meta_tensor, op_info
 from genie.lazy._recorder import Recorder, content_digest
 
 aten = torch.ops.aten
+_DEFAULT_DEVICE = None  # set by _device.register(): torch.device needs the backend renamed first
 _SOURCE_OPS = (CONST, INPUT, RESIDENT)
 _tls = threading.local()
 
@@ -84,13 +84,14 @@ class LazyTensor(torch.Tensor):
     _index: int
     _rec: Recorder
     _meta: TensorMeta
+    _device: torch.device
 
     @staticmethod
     def __new__(cls, rec: Recorder, node: Node, index: int, meta: TensorMeta, device: torch.device):
         t = torch.Tensor._make_wrapper_subclass(cls, meta.shape, strides=meta.stride,
                                                 storage_offset=meta.offset, dtype=meta.dtype,
                                                 device=device)
-        t._rec, t._node, t._index, t._meta = rec, node, index, meta
+        t._rec, t._node, t._index, t._meta, t._device = rec, node, index, meta, device
         rec.track(t)
         return t
 
@@ -150,45 +151,53 @@ def _device_error(a: torch.device, b: torch.device) -> RuntimeError:
 
 
 class _Args:
-    """Converts one op's arguments for the recorder and builds its shape-cache key."""
+    """Converts one op's arguments for the recorder and builds its shape-cache key.
 
-    __slots__ = ("rec", "key", "storages", "device", "lazy")
+    The key holds each tensor's TensorMeta and every other value; ints go in bare, other scalars
+    with their type, since ``1``, ``1.0`` and ``True`` hash alike but promote differently.
+    """
 
-    def __init__(self, rec: Recorder) -> None:
+    __slots__ = ("rec", "key", "storages", "device")
+
+    def __init__(self, rec: Recorder, want_storages: bool) -> None:
         self.rec = rec
         self.key: list = []
-        self.storages: dict[Ref, int] = {}  # storage of each tensor argument
+        self.storages: dict[Ref, int] | None = {} if want_storages else None
         self.device: torch.device | None = None
-        self.lazy = False
 
     def convert(self, v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
+        t = type(v)
+        if t is LazyTensor or isinstance(v, torch.Tensor):
             return self.tensor(v)
-        if type(v) in (list, tuple):
-            return type(v)(self.convert(x) for x in v)
-        self.key.append(type(v))
-        self.key.append(v)
+        if t is int:
+            self.key.append(v)
+        elif t is list or t is tuple:
+            self.key.append(len(v))
+            return t(self.convert(x) for x in v)
+        else:
+            self.key.append((t, v))
         return v
 
     def tensor(self, t: torch.Tensor) -> Ref:
         rec = self.rec
-        if type(t) is LazyTensor or isinstance(t, LazyTensor):
-            self.lazy = True
+        if isinstance(t, LazyTensor):
             if self.device is None:
-                self.device = t.device
-            elif t.device != self.device:
-                raise _device_error(self.device, t.device)
+                self.device = t._device
+            elif t._device != self.device:
+                raise _device_error(self.device, t._device)
             node = t._node if t._rec is rec else import_into(rec, t)
             if node.op in _SOURCE_OPS:
                 rec._sources[node.id] = node
             self.key.append(t._meta)
             ref = Ref(node.id, t._index)
-            self.storages[ref] = node.storages[t._index]
+            if self.storages is not None:
+                self.storages[ref] = node.storages[t._index]
             return ref
         node = host_tensor_node(rec, t)
         self.key.append(node.outputs[0])
         ref = Ref(node.id, 0)
-        self.storages[ref] = node.storages[0]
+        if self.storages is not None:
+            self.storages[ref] = node.storages[0]
         return ref
 
 
@@ -246,10 +255,12 @@ def import_into(rec: Recorder, t: LazyTensor) -> Node:
 
 
 def dispatch(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Any:
-    special = SPECIAL.get(func)
+    entry = _ENTRIES.get(func)
+    if entry is None:
+        entry = _ENTRIES[func] = (SPECIAL.get(func), op_info(func))
+    special, info = entry
     if special is not None:
         return special(func, args, kwargs)
-    info = op_info(func)
     if not info.returns_tensors:
         return func(*_to_host(args), **_to_host(kwargs))
     if func.namespace not in ("aten", "prims"):
@@ -259,14 +270,17 @@ def dispatch(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Any:
         return _record(rec, func, info, args, kwargs)
 
 
-def _record(rec: Recorder, func, info, args: tuple, kwargs: dict) -> Any:
-    conv = _Args(rec)
-    cargs = tuple(conv.convert(a) for a in args)
+_ENTRIES: dict[Any, tuple[Callable | None, OpInfo]] = {}
+
+
+def _record(rec: Recorder, func, info: OpInfo, args: tuple, kwargs: dict) -> Any:
+    conv = _Args(rec, info.aliases)
+    cargs = tuple([conv.convert(a) for a in args])
     ckwargs = {}
     for k, v in kwargs.items():
         conv.key.append(k)
         ckwargs[k] = conv.convert(v)
-    device = conv.device or torch.device("remote_accelerator:0")
+    device = conv.device or _DEFAULT_DEVICE
     key = (func, *conv.key)
     metas = SHAPES.lookup(key)
     dynamic = False
@@ -282,21 +296,16 @@ def _record(rec: Recorder, func, info, args: tuple, kwargs: dict) -> Any:
             else:
                 SHAPES.store(key, metas)
     nid = rec.new_id()
-
-    def arg_storage(pos: int | str | None) -> int | None:
-        v = None if pos is None else _arg_value(func, pos, cargs, ckwargs)
-        return conv.storages.get(v) if type(v) is Ref else None
-
-    n_out = len(func._schema.returns) if dynamic else len(metas)
-    storages = tuple(_or_new(rec, arg_storage(info.alias_of[min(i, len(info.alias_of) - 1)]))
-                     for i in range(n_out))
-    writes = tuple(s for s in (arg_storage(i) for i in info.writes) if s is not None) + \
-        tuple(s for s in (arg_storage(k) for k in info.write_kwargs) if s is not None)
-    node = rec.add(Node(nid, op_name(func), cargs, ckwargs, () if dynamic else metas, info.multi,
+    n_out = info.n_returns if dynamic else len(metas)
+    if info.aliases:
+        storages, writes = _alias_storages(rec, func, info, cargs, ckwargs, conv.storages, n_out)
+    else:
+        storages, writes = tuple([rec.new_id() for _ in range(n_out)]), ()
+    node = rec.add(Node(nid, info.name, cargs, ckwargs, () if dynamic else metas, info.multi,
                         storages, writes, module_path(), RNG.next_seed() if info.seeded else None))
     if dynamic:
-        if func._schema.returns and str(func._schema.returns[-1].type) == "List[Tensor]":
-            raise UnsupportedOpError(op_name(func), "data-dependent number of outputs")
+        if info.returns_list:
+            raise UnsupportedOpError(info.name, "data-dependent number of outputs")
         _, kept = rec.flush(extra=[Ref(nid, i) for i in range(n_out)])
         outs = [wrap(rec, res, 0, meta, device) for res, meta in kept]
         node.outputs = tuple(m for _, m in kept)
@@ -306,10 +315,26 @@ def _record(rec: Recorder, func, info, args: tuple, kwargs: dict) -> Any:
             if isinstance(target, LazyTensor) and target._meta == metas[0]:
                 return target
             # an out= op resized its output: a wrapper cannot change shape, so return a new one
-        outs = [wrap(rec, node, i, m, device) for i, m in enumerate(metas)]
+        if not info.multi:
+            return LazyTensor(rec, node, 0, metas[0], device)
+        outs = [LazyTensor(rec, node, i, m, device) for i, m in enumerate(metas)]
     if not info.multi:
         return outs[0]
-    return list(outs) if str(func._schema.returns[0].type) == "List[Tensor]" else tuple(outs)
+    return outs if info.returns_list else tuple(outs)
+
+
+def _alias_storages(rec: Recorder, func, info: OpInfo, cargs: tuple, ckwargs: dict,
+                    known: dict[Ref, int], n_out: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Views share their base's storage; in-place and out= ops name the storages they write."""
+
+    def storage(pos: int | str | None) -> int | None:
+        v = None if pos is None else _arg_value(func, pos, cargs, ckwargs)
+        return known.get(v) if type(v) is Ref else None
+
+    last = len(info.alias_of) - 1
+    storages = tuple(_or_new(rec, storage(info.alias_of[min(i, last)])) for i in range(n_out))
+    writes = tuple(s for s in (storage(p) for p in (*info.writes, *info.write_kwargs)) if s is not None)
+    return storages, writes
 
 
 def _arg_value(func, pos: int | str, args: tuple, kwargs: dict) -> Any:

@@ -13,6 +13,7 @@ from functools import cache
 import torch
 
 from genie.graph import TensorMeta
+from genie.graph._ops import op_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,10 @@ class OpInfo:
     inplace_self: bool  # returns its first argument (add_, copy_, out= ops)
     seeded: bool  # draws random numbers
     dynamic_shape: bool  # output shape depends on data
+    name: str  # "aten.add.Tensor": the name in graphs
+    n_returns: int
+    returns_list: bool  # returns Tensor[] (split, unbind)
+    aliases: bool  # some output aliases an input, or some input is written
 
 
 @cache
@@ -53,9 +58,11 @@ def op_info(func: torch._ops.OpOverload) -> OpInfo:
     inplace_self = (len(schema.returns) == 1 and alias_of[0] is not None
                     and schema.returns[0].alias_info.is_write)
     tags = func.tags
+    aliases = any(a is not None for a in alias_of) or bool(writes) or bool(write_kwargs)
     return OpInfo(tuple(alias_of), tuple(writes), tuple(write_kwargs), returns_tensors, multi,
                   inplace_self, torch.Tag.nondeterministic_seeded in tags,
-                  torch.Tag.dynamic_output_shape in tags)
+                  torch.Tag.dynamic_output_shape in tags, op_name(func), len(schema.returns),
+                  rtypes == ["List[Tensor]"], aliases)
 
 
 def meta_tensor(m: TensorMeta) -> torch.Tensor:
