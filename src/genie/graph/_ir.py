@@ -79,9 +79,17 @@ class Node:
 
     def __str__(self) -> str:
         outs = ", ".join(str(m) for m in self.outputs)
-        parts = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        parts = [_fmt(a) for a in self.args] + [f"{k}={_fmt(v)}" for k, v in self.kwargs.items()]
         where = f"  # {self.module}" if self.module else ""
         return f"%{self.id}: {outs} = {self.op}({', '.join(parts)}){where}"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (torch.device, torch.dtype, torch.memory_format, torch.layout)):
+        return str(v).removeprefix("torch.")
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return repr(v)
 
 
 def _iter_refs(values: tuple | list) -> Iterator[Ref]:
