@@ -19,7 +19,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import backend_for, check_like, check_scale, check_tensor, unit_last_stride
+from ._dispatch import (
+    backend_for,
+    check_launchable,
+    check_like,
+    check_no_grad,
+    check_scale,
+    check_tensor,
+    unit_last_stride,
+)
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
@@ -59,6 +67,8 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
                      scale: float | None = None) -> torch.Tensor:
     """Always the Triton kernel: compiled on CUDA, interpreted elsewhere."""
     sm_scale = _check("attention", q, k, v, scale)
+    check_launchable("attention", q.device)
+    check_no_grad("attention", dict(q=q, k=k, v=v))
     from . import _attention_kernel
 
     return _attention_kernel.launch(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v),

@@ -3,7 +3,7 @@ launcher. Imported lazily, on the first Triton call (see ``_dispatch``).
 
 One program computes a BLOCK_M x HEAD_DIM tile of the output for one (batch, head). It streams the
 keys and values of that head in blocks of BLOCK_N and keeps a running max and sum (online softmax),
-so the L x L score matrix never leaves registers. Scores are kept in base 2 (``exp2``) with the
+so the q_len x k_len score matrix is never written to memory. Scores are kept in base 2 (``exp2``) with the
 ``log2(e)`` factor folded into the softmax scale.
 
 Causal masking is bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + (k_len - q_len)``.
@@ -128,9 +128,10 @@ def keep(config: triton.Config, *, head_dim: int, q_len: int, k_len: int, elem_s
     w, s = config.num_warps, config.num_stages
     if bm > max(64, next_power_of_2(q_len)) or bn > max(32, next_power_of_2(k_len)):
         return False  # tiles larger than the problem only add masked work
-    if bm * head_dim >= 128 * 128 and w < 8:
+    big_acc = bm * head_dim >= 128 * 128
+    if big_acc and w < 8:
         return False  # the fp32 accumulator alone would take 128 registers per thread
-    if bm * bn < 128 * 128 and w == 8:
+    if not big_acc and w == 8 and bm * bn < 128 * 128:
         return False  # too little work per warp to feed wgmma
     if head_dim >= 256 and (bn > 64 or s > 2):
         return False

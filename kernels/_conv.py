@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._dispatch import FLOAT_DTYPES, backend_for, check_like, check_tensor
+from ._dispatch import FLOAT_DTYPES, backend_for, check_launchable, check_like, check_no_grad, check_tensor
 
 ACTIVATIONS = ("relu", "gelu", "silu", None)
 
@@ -52,7 +52,8 @@ def _pair(op: str, name: str, value: object, minimum: int) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-def batchnorm_params(op: str, bn: object, channels: int, like: torch.Tensor) -> BatchNormParams:
+def batchnorm_params(op: str, bn: object, channels: int, like: torch.Tensor,
+                     like_name: str = "x") -> BatchNormParams:
     """Normalise ``bn`` (module or tuple) to (mean, var, gamma, beta, eps), checked against
     ``channels`` and ``like``'s device."""
     if isinstance(bn, nn.BatchNorm2d):
@@ -76,7 +77,7 @@ def batchnorm_params(op: str, bn: object, channels: int, like: torch.Tensor) -> 
         if t.shape != (channels,):
             raise ValueError(f"{op}: bn {name} has shape {tuple(t.shape)}; expected ({channels},)")
         if t.device != like.device:
-            raise ValueError(f"{op}: bn {name} is on {t.device} but x is on {like.device}")
+            raise ValueError(f"{op}: bn {name} is on {t.device} but {like_name} is on {like.device}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
         raise TypeError(f"{op}: bn eps must be a non-negative float, got {eps!r}")
     if (gamma is None) != (beta is None):  # one-sided affine: fill in the identity for the other
@@ -140,6 +141,10 @@ def conv2d_bn_act_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          dilation: int | tuple[int, int] = 1, groups: int = 1) -> torch.Tensor:
     """Always the Triton kernel: compiled on CUDA, interpreted elsewhere."""
     conv = _check(x, weight, bias, bn, activation, stride, padding, dilation, groups)
+    bn_tensors = dict(zip(("bn running_mean", "bn running_var", "bn weight", "bn bias"), conv.bn or (),
+                          strict=False))
+    check_launchable(_OP, x.device)
+    check_no_grad(_OP, dict(x=x, weight=weight, bias=bias, **bn_tensors))
     from . import _conv_kernel
 
     return _conv_kernel.launch(x, weight, bias, conv.bn, conv.activation, conv.stride, conv.padding,
@@ -174,7 +179,7 @@ def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None,
     check_tensor("fold_batchnorm", "weight", weight, 4)
     if bias is not None:
         check_tensor("fold_batchnorm", "bias", bias, 1)
-    mean, var, gamma, beta, eps = batchnorm_params("fold_batchnorm", bn, weight.shape[0], weight)
+    mean, var, gamma, beta, eps = batchnorm_params("fold_batchnorm", bn, weight.shape[0], weight, "weight")
     scale = torch.rsqrt(var.float() + eps)
     if gamma is not None:
         scale = scale * gamma.float()

@@ -126,7 +126,8 @@ def _conv_depthwise(
         ih = oh * stride_h - pad_h + r * dil_h
         iw = ow * stride_w - pad_w + s * dil_w
         ok = p_ok & (ih >= 0) & (ih < h_in) & (iw >= 0) & (iw < w_in)
-        x = tl.load(x_chan[:, None] + (ih * sxh + iw * sxw)[None, :], mask=c_ok[:, None] & ok[None, :], other=0.0)
+        x = tl.load(x_chan[:, None] + (ih * sxh + iw * sxw)[None, :], mask=c_ok[:, None] & ok[None, :],
+                    other=0.0)
         w = tl.load(W + offs_c * swo + r * swh + s * sww, mask=c_ok, other=0.0)
         acc += x.to(tl.float32) * w.to(tl.float32)[:, None]
 
@@ -174,7 +175,7 @@ def keep(config: triton.Config, *, m: int, c_in: int, c_out: int, elem_size: int
     """Whether an autotune config is worth timing for this conv (GEMM of m x c_out, reduction over
     channels per tap)."""
     bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    if bn > max(32, next_power_of_2(c_out)) or bm > max(32, next_power_of_2(m)):
+    if bn > max(64, next_power_of_2(c_out)) or bm > max(64, next_power_of_2(m)):
         return False  # tiles larger than the output only add masked work
     if bk > max(16, next_power_of_2(c_in)):
         return False  # e.g. a 3-channel stem: a wide K block would be mostly padding
@@ -187,7 +188,8 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     shape = dict(m=named_args["batch"] * named_args["h_out"] * named_args["w_out"],
                  c_in=named_args["c_in"], c_out=named_args["c_out"], elem_size=named_args["X"].element_size())
     kept = [c for c in configs if keep(c, **shape)]
-    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))]
+    smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))
+    return kept or [smallest]
 
 
 @functools.cache
@@ -242,7 +244,8 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         )
         flags["DOT_PRECISION"] = dot_precision(x.dtype)
         if interpret:
-            grid = (triton.cdiv(m, INTERPRET_CONFIG["BLOCK_M"]) * triton.cdiv(c_out, INTERPRET_CONFIG["BLOCK_N"]),)
+            cfg = INTERPRET_CONFIG
+            grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out, cfg["BLOCK_N"]),)
             build(_conv_gemm, True)[grid](*args, **flags, **INTERPRET_CONFIG)
         else:
             grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(c_out, META["BLOCK_N"]),)

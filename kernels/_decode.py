@@ -19,7 +19,7 @@ import torch
 
 from ._attention import _check as _check_attention
 from ._attention import _sdpa
-from ._dispatch import backend_for, unit_last_stride
+from ._dispatch import backend_for, check_launchable, check_no_grad, unit_last_stride
 
 MAX_Q_LEN = 16
 _OP = "decode_attention"
@@ -45,7 +45,8 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_
     try:
         length = operator.index(cache_len)
     except TypeError:
-        raise TypeError(f"{_OP}: cache_len must be an int or a tensor, got {type(cache_len).__name__}") from None
+        kind = type(cache_len).__name__
+        raise TypeError(f"{_OP}: cache_len must be an int or a tensor, got {kind}") from None
     if not 0 <= length <= capacity:
         raise ValueError(f"{_OP}: cache_len={length} is outside [0, {capacity}] (the cache capacity)")
     return sm_scale, length
@@ -67,6 +68,8 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             causal: bool = True) -> torch.Tensor:
     """Always the Triton kernels: compiled on CUDA, interpreted elsewhere."""
     sm_scale, length = _check(q, k_cache, v_cache, cache_len, scale)
+    check_launchable(_OP, q.device)
+    check_no_grad(_OP, dict(q=q, k_cache=k_cache, v_cache=v_cache))
     from . import _decode_kernel
 
     return _decode_kernel.launch(unit_last_stride(q), unit_last_stride(k_cache), unit_last_stride(v_cache),

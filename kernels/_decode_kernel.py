@@ -38,10 +38,7 @@ def _decode_split(
     split = tl.program_id(1)
     b = (bkv // n_kv_heads).to(tl.int64)
     kvh = bkv % n_kv_heads
-    if HAS_LENS:
-        seq_len = tl.minimum(tl.load(Lens + b).to(tl.int32), capacity)
-    else:
-        seq_len = cache_len
+    seq_len = tl.minimum(tl.load(Lens + b).to(tl.int32), capacity) if HAS_LENS else cache_len
 
     # Row r of the tile is query (r % q_len) of q head (kvh * kv_group + r // q_len).
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -13,7 +13,8 @@ Kernels are written as plain functions and wrapped here, per mode, on first use:
 ``InterpretedFunction`` for the interpreter, ``JITFunction`` for the GPU. ``@triton.jit`` would pick
 the mode from the environment once, when the module is imported; building on demand makes the result
 independent of import order and keeps ``import genie.kernels`` free of triton. The price is that a
-kernel cannot call another jitted helper through a module global, so each kernel is self-contained.
+kernel cannot call another jitted helper through a module global, so each kernel is self-contained
+(and ``_tl`` explains how they avoid triton's own jitted helpers such as ``tl.max``).
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def next_power_of_2(n: int) -> int:
 # --- argument checks shared by the launchers and references --------------------------------------
 
 
-def check_tensor(op: str, name: str, t: object, ndim: int, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:
+def check_tensor(op: str, name: str, t: object, ndim: int,
+                 dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
@@ -101,6 +103,23 @@ def check_like(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Te
 def check_scale(op: str, scale: object) -> None:
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"{op}: scale must be a Python float or None, got {type(scale).__name__}")
+
+
+def check_launchable(op: str, device: torch.device) -> None:
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"{op}: the Triton kernel runs on CUDA (or on CPU, interpreted), not on {device}; "
+                         f"use {op}_reference")
+
+
+def check_no_grad(op: str, tensors: dict[str, torch.Tensor | None]) -> None:
+    """The Triton kernels are forward-only: refuse rather than return a result with no gradient."""
+    if not torch.is_grad_enabled():
+        return
+    needing = [name for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.requires_grad]
+    if needing:
+        raise NotImplementedError(
+            f"{op}: the Triton kernel has no backward pass, but {', '.join(needing)} require grad; run it "
+            f"under torch.no_grad() / torch.inference_mode(), or use {op}_reference for training")
 
 
 def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
