@@ -63,7 +63,7 @@ def batchnorm_params(op: str, bn: object, channels: int, like: torch.Tensor,
         if bn.running_mean is None or bn.running_var is None:
             raise ValueError(f"{op}: bn has no running statistics (track_running_stats=False)")
         params = (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-    elif isinstance(bn, tuple) and len(bn) == 5:
+    elif isinstance(bn, (tuple, list)) and len(bn) == 5:  # a list after the graph wire form
         params = bn
     else:
         raise TypeError(f"{op}: bn must be an nn.BatchNorm2d or a tuple (running_mean, running_var, "

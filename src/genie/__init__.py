@@ -14,6 +14,18 @@ from genie._errors import (
 from genie.lazy import LazyTensor, capture, get_graph, trace
 from genie.graph import Graph
 from genie.runtime import execute
+from genie.semantic import (
+    ExecutionPlan,
+    PatternRegistry,
+    Scheduler,
+    SemanticAnalyzer,
+    WorkloadProfile,
+    WorkloadType,
+    analyze,
+    schedule,
+)
+from genie._profile import profile
+from genie.runtime._remote import connect
 from genie._setup import setup as _setup, stats
 
 _setup()
@@ -21,5 +33,8 @@ _setup()
 __all__ = [
     "AuthenticationError", "ConnectionLostError", "GenieError", "Graph", "LazyTensor",
     "LocalProtocolError", "ProtocolError", "RemoteExecutionError", "RemoteMemoryError",
-    "RemoteProtocolError", "UnsupportedOpError", "capture", "execute", "get_graph", "stats", "trace",
+    "RemoteProtocolError", "UnsupportedOpError", "capture", "connect", "execute", "get_graph", "stats",
+    "trace",
+    "ExecutionPlan", "PatternRegistry", "Scheduler", "SemanticAnalyzer", "WorkloadProfile", "WorkloadType",
+    "analyze", "profile", "schedule",
 ]

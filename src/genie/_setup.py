@@ -7,9 +7,15 @@ from genie.runtime import Backend, backend, set_backend_factory
 
 
 def _default_backend() -> Backend:
-    from genie.server import LocalBackend
+    import os
 
-    return LocalBackend("cpu")
+    if os.environ.get("GENIE_SERVER", "").strip() == "inprocess":  # debug: no server, no wire
+        from genie.server import LocalBackend
+
+        return LocalBackend("cpu")
+    from genie.runtime._remote import backend_from_env  # GENIE_SERVER=host:port, or embedded
+
+    return backend_from_env()
 
 
 def setup() -> None:

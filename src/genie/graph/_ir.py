@@ -184,6 +184,18 @@ class Graph:
             edges.extend((d, n.id) for d in sorted(self.dependencies[n.id] - data))
         return edges
 
+    def check_inputs(self, inputs) -> None:
+        """Raise TypeError unless ``inputs`` match the captured inputs' dtypes and shapes."""
+        if len(inputs) != len(self.inputs):
+            raise TypeError(f"graph takes {len(self.inputs)} inputs, got {len(inputs)}")
+        for pos, (nid, t) in enumerate(zip(self.inputs, inputs, strict=True)):
+            want = self.nodes[nid].outputs[0]
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"input {pos}: expected a tensor, got {type(t).__name__}")
+            if t.dtype != want.dtype or tuple(t.shape) != want.shape:
+                raise TypeError(f"input {pos}: graph was captured with {want}, got "
+                                f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}")
+
     # -- identity -----------------------------------------------------------------------------
     @cached_property
     def digest(self) -> str:

@@ -365,9 +365,12 @@ def _meta_args(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 # -- ops handled before recording ----------------------------------------------------------------
 def _to_copy(func, args, kwargs):
     device = kwargs.get("device")
-    if not isinstance(args[0], LazyTensor):  # a host tensor inside a capture: stays in the program
+    to_host = device is not None and torch.device(device).type == "cpu"
+    if not isinstance(args[0], LazyTensor) or (to_host and getattr(_tls, "captures", None)):
+        # Inside a capture the host is part of the program (``x.to(input)`` in rms_norm): the
+        # copy is recorded, with the device left to the executor.
         kwargs = {k: v for k, v in kwargs.items() if k != "device"}
-    elif device is not None and torch.device(device).type == "cpu":
+    elif to_host:
         rest = {k: v for k, v in kwargs.items() if k != "device"}
         (value,) = materialize([args[0]])
         return func(value, **rest) if rest else value

@@ -10,8 +10,7 @@ from genie.runtime._backend import backend
 
 async def execute(graph: Graph, *inputs: torch.Tensor) -> list[torch.Tensor]:
     """Run ``graph`` on the current backend with ``inputs`` bound in order; returns CPU tensors."""
-    if len(inputs) != len(graph.inputs):
-        raise TypeError(f"graph takes {len(graph.inputs)} inputs, got {len(inputs)}")
+    graph.check_inputs(inputs)  # the caller's mistake: say so before anything is sent
     result = await backend().run_async(graph, list(inputs), fetch=range(len(graph.outputs)),
                                        keep=(), constants=graph.constants)
     return result.fetched

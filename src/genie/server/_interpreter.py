@@ -25,21 +25,29 @@ from typing import Any
 
 import torch
 
-from genie._errors import GenieError, RemoteExecutionError, UnsupportedOpError
+from genie._errors import RemoteExecutionError, UnsupportedOpError
 from genie.graph import CONST, INPUT, RESIDENT, Graph, Node, Ref, map_refs, resolve_op
 
-_FUSED: dict[str, Callable] | None = None
+_FUSED: dict[str, dict[str, Callable]] = {}  # device type -> fused-op table
 
 
 def fused_ops(device: torch.device) -> dict[str, Callable]:
     """genie.kernels' fused ops: the Triton launcher on CUDA, the torch reference elsewhere."""
-    global _FUSED
-    if _FUSED is None:
+    table = _FUSED.get(device.type)
+    if table is None:
         from genie.kernels import FUSED_OPS
 
-        _FUSED = {name: (f.launcher if device.type == "cuda" else f.reference)
-                  for name, f in FUSED_OPS.items()}
-    return _FUSED
+        table = _FUSED[device.type] = {name: (f.launcher if device.type == "cuda" else f.reference)
+                                       for name, f in FUSED_OPS.items()}
+    return table
+
+
+def own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t`` alone in a storage that starts at it: as_strided offsets count from the storage start,
+    so a value that is a slice of a receive buffer would read its neighbours' bytes."""
+    if t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes:
+        return t
+    return t.clone()
 
 
 class Interpreter:
@@ -76,16 +84,7 @@ class Interpreter:
         return [self._value(r) for r in g.outputs]
 
     def check_inputs(self, inputs: Sequence[torch.Tensor]) -> None:
-        g = self.graph
-        if len(inputs) != len(g.inputs):
-            raise GenieError(f"graph takes {len(g.inputs)} inputs, got {len(inputs)}")
-        for pos, (nid, t) in enumerate(zip(g.inputs, inputs, strict=True)):
-            want = g.nodes[nid].outputs[0]
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"input {pos}: expected a tensor, got {type(t).__name__}")
-            if t.dtype != want.dtype or tuple(t.shape) != want.shape:
-                raise TypeError(f"input {pos}: graph was captured with {want}, got "
-                                f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}")
+        self.graph.check_inputs(inputs)
 
     def _last_uses(self) -> dict[int, list[int]]:
         """node id -> values whose last reader it is."""
@@ -105,7 +104,7 @@ class Interpreter:
     # -- one method per node kind -------------------------------------------------------------
     def run_node(self, node: Node) -> Any:
         if node.op == INPUT:
-            return self._inputs[node.args[0]].to(self.device)
+            return own_storage(self._inputs[node.args[0]].to(self.device))
         if node.op == CONST:
             return self.constants[node.args[0]]
         if node.op == RESIDENT:

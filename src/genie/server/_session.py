@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from genie.graph import Graph, TensorMeta
-from genie.server._interpreter import Interpreter
+from genie.server._interpreter import Interpreter, own_storage
 
 
 class Store:
@@ -25,7 +25,7 @@ class Store:
 
     def put_constant(self, digest: str, t: torch.Tensor) -> None:
         if digest not in self.constants:
-            self.constants[digest] = t.to(self.device)
+            self.constants[digest] = own_storage(t.to(self.device))
 
     def run(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int],
             keep: Sequence[int]) -> tuple[list[torch.Tensor], list[int], list[TensorMeta]]:

@@ -1,0 +1,96 @@
+"""``genie <command>``: the command line. Each subcommand is one entry in ``COMMANDS``.
+
+    genie serve --host 127.0.0.1 --port 7070 --device cuda:0 --token SECRET --memory-limit 20GiB
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"512M"``, ``"1.5GiB"``, ``"20GB"`` or ``"1000000"`` as bytes (binary units)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if m is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M, 20GiB or a byte count)")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+# -- serve ----------------------------------------------------------------------------------------
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7070, help="TCP port; 0 picks a free one and prints it")
+    p.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 if there is one)")
+    p.add_argument("--token", default=os.environ.get("GENIE_TOKEN"),
+                   help="clients must present this token (default: $GENIE_TOKEN; none: no check)")
+    p.add_argument("--memory-limit", type=parse_size, default=None,
+                   help="bytes of constants + resident values to hold (e.g. 20GiB); least recently "
+                        "used unpinned constants are evicted to stay under it")
+    p.add_argument("--max-frame", type=parse_size, default=None,
+                   help="largest message payload accepted (default 8GiB)")
+    p.add_argument("--verbose", action="store_true", help="log connections and protocol errors")
+    p.add_argument("--exit-on-stdin-eof", action="store_true", help=argparse.SUPPRESS)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from genie.server._serve import Config, run_server
+    from genie.transport import DEFAULT_MAX_FRAME
+
+    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        print(f"genie serve: --device must be cpu or cuda:N, not {args.device!r}", file=sys.stderr)
+        return 2
+    run_server(Config(host=args.host, port=args.port, device=args.device, token=args.token,
+                      memory_limit=args.memory_limit, max_frame=args.max_frame or DEFAULT_MAX_FRAME,
+                      exit_on_stdin_eof=args.exit_on_stdin_eof, verbose=args.verbose))
+    return 0
+
+
+# -- demo -----------------------------------------------------------------------------------------
+# ``genie demo`` runs ``genie._demo.main()``; it is listed only once that module exists.
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from genie import _demo  # type: ignore[attr-defined]
+
+    return _demo.main(*([args.rest] if args.rest else [])) or 0
+
+
+def _has_demo() -> bool:
+    return importlib.util.find_spec("genie._demo") is not None
+
+
+# name -> (help, add arguments, run, available); add a subcommand by adding a row.
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
+                          Callable[[argparse.Namespace], int], Callable[[], bool]]] = {
+    "serve": ("run a Genie accelerator server", _serve_args, _serve, lambda: True),
+    "demo": ("run a small GPT-2 through Genie and print a report", _demo_args, _demo, _has_demo),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genie", description="Run PyTorch on a remote accelerator.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (help_, add_args, run, available) in COMMANDS.items():
+        if available():
+            p = sub.add_parser(name, help=help_, description=help_)
+            add_args(p)
+            p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The sync bridge: one trio event loop on a daemon thread, owning the process's connection.
+
+The recorder calls the backend synchronously (``.cpu()``, ``.item()``), possibly from many threads;
+``genie.execute`` awaits it from the caller's own trio loop. Both hand a coroutine function to this
+loop and wait for its outcome: ``call`` blocks a thread, ``call_async`` awaits across loops and
+carries cancellation over (the coroutine is cancelled in the bridge, where it cleans up after
+itself). ``soon`` schedules a plain function there without waiting (frees from finalizers).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import outcome
+import trio
+
+from genie._errors import ConnectionLostError
+
+T = TypeVar("T")
+
+
+class Bridge:
+    def __init__(self, name: str = "genie-bridge") -> None:
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stop: trio.Event | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            trio.run(self._amain)
+        finally:
+            self._token = None
+            self._ready.set()
+
+    async def _amain(self) -> None:
+        self._stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._token = trio.lowlevel.current_trio_token()
+            self._ready.set()
+            await self._stop.wait()
+            nursery.cancel_scope.cancel()
+
+    @property
+    def alive(self) -> bool:
+        return self._token is not None and self._thread.is_alive()
+
+    def in_bridge(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def soon(self, fn: Callable[..., Any], *args: Any) -> bool:
+        """Run ``fn(*args)`` in the bridge loop, later; False if the bridge is gone."""
+        token = self._token
+        if token is None:
+            return False
+        try:
+            token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            return False
+        return True
+
+    def start_soon(self, afn: Callable[..., Awaitable[Any]], *args: Any) -> bool:
+        """Start ``afn(*args)`` as a task of the bridge (from any thread)."""
+        return self.soon(lambda: self._nursery.start_soon(afn, *args))  # type: ignore[union-attr]
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._stop is not None:
+            self.soon(self._stop.set)
+        if not self.in_bridge():
+            self._thread.join(timeout)
+
+    # -- calling in -----------------------------------------------------------------------------
+    def call(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """``await afn(*args)`` in the bridge; blocks this (non-bridge) thread until it is done."""
+        if self.in_bridge():
+            raise RuntimeError("genie: a blocking call from inside its own background loop")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        scope = trio.CancelScope()
+
+        async def runner() -> None:
+            with scope:
+                try:
+                    fut.set_result(await afn(*args))
+                except Exception as e:
+                    fut.set_exception(e)
+            if not fut.done():
+                fut.set_exception(ConnectionLostError("genie's background loop was shut down"))
+
+        if not self.start_soon(runner):
+            raise ConnectionLostError("genie's background loop has stopped")
+        try:
+            while True:
+                try:
+                    return fut.result(timeout=1.0)
+                except concurrent.futures.TimeoutError:
+                    if not self.alive:
+                        raise ConnectionLostError("genie's background loop has stopped") from None
+        except BaseException:
+            if not fut.done():  # KeyboardInterrupt and the like: stop the work in the bridge too
+                self.soon(scope.cancel)
+            raise
+
+    async def call_async(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """``await afn(*args)`` in the bridge from another trio loop; cancelling this cancels that."""
+        if self.in_bridge():
+            return await afn(*args)
+        here = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        box: list[outcome.Outcome] = []
+        scope = trio.CancelScope()
+
+        async def runner() -> None:
+            with scope:
+                try:
+                    box.append(outcome.Value(await afn(*args)))
+                except Exception as e:
+                    box.append(outcome.Error(e))
+            with contextlib.suppress(trio.RunFinishedError):  # the caller's loop has ended
+                here.run_sync_soon(done.set)
+
+        if not self.start_soon(runner):
+            raise ConnectionLostError("genie's background loop has stopped")
+        try:
+            while not done.is_set():
+                with trio.move_on_after(1.0):
+                    await done.wait()
+                if not done.is_set() and not self.alive:
+                    raise ConnectionLostError("genie's background loop has stopped")
+        except trio.Cancelled:
+            self.soon(scope.cancel)
+            raise
+        if not box:
+            raise ConnectionLostError("genie's background loop was shut down")
+        return box[0].unwrap()

@@ -1,0 +1,388 @@
+"""RemoteBackend: the Backend protocol spoken to a ``genie serve`` process.
+
+Call tree::
+
+    RemoteBackend.run(graph, inputs, fetch=, keep=, constants=)      sync: through the bridge
+    await RemoteBackend.run_async(...)                               any trio loop: same, multiplexed
+      _run(...)                                        in the bridge loop
+        _connect()           first use, or after a loss: a new connection and a new _Session
+        _ensure_constants()  has -> upload what the server lacks (a progress bar past 64 MiB)
+        _post_run()          plan: the whole graph, or a template slot plus corrections; inputs;
+                             constants the server may lack, inline when tiny
+        wait                 -> RunResult; server errors raise their Genie exception; constants
+                             evicted meanwhile -> upload again and retry
+    free(handle)             any thread (finalizers): batched by the connection
+
+Residency (``GENIE_RESIDENCY``, default 1): constants are uploaded by content digest only when the
+server lacks them, and graphs run from the server's template cache. With ``GENIE_RESIDENCY=0`` every
+run re-sends every constant and the whole graph: the naive baseline the benchmarks compare against.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import trio
+
+from genie._errors import ConnectionLostError, GenieError, RemoteMemoryError, RemoteProtocolError
+from genie.graph import CONST, RESIDENT, Graph
+from genie.graph._template import corrections, predict, split
+from genie.graph._wire import decode_meta
+from genie.runtime import _backend
+from genie.runtime._backend import RunResult, Stats
+from genie.runtime._bridge import Bridge
+from genie.runtime._connection import Connection, MissingOnServerError
+from genie.runtime._embedded import EmbeddedServer
+from genie.transport import Message
+
+INLINE_MAX = 128  # constants this small ride along with the run instead of a has round trip
+UPLOAD_FRAME = 64 << 20
+PROGRESS_MIN = 64 << 20
+MAX_SLOTS = 1024  # the server's per-connection limit
+CONNECT_TIMEOUT = 30.0
+RETRIES = 3
+_OPEN: weakref.WeakSet[RemoteBackend] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for b in list(_OPEN):
+        b.close()
+
+
+@dataclass
+class _Slot:
+    number: int
+    last: np.ndarray
+    prev: np.ndarray
+    strs: list[str]
+
+
+@dataclass
+class _Session:
+    """What this process knows about one connection's server-side state."""
+
+    conn: Connection
+    known: set[str] = field(default_factory=set)  # constant digests the server holds
+    uploading: dict[str, trio.Event] = field(default_factory=dict)
+    slots: OrderedDict[str, _Slot] = field(default_factory=OrderedDict)  # template digest -> slot
+    refused: set[str] = field(default_factory=set)  # templates the server would not register
+    handles: set[int] = field(default_factory=set)  # live values this connection made
+
+    def slot_number(self) -> int:
+        if len(self.slots) < MAX_SLOTS:
+            return len(self.slots)
+        _, oldest = self.slots.popitem(last=False)
+        return oldest.number  # re-registering overwrites the server's slot
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"genie server address must be host:port, not {address!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _wire_tensor(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return t if t.device.type == "cpu" else t.cpu()
+
+
+class RemoteBackend:
+    """Runs graphs on a ``genie serve`` at ``address`` ("host:port"), or on an embedded one (None)."""
+
+    def __init__(self, address: str | None = None, token: str | None = None, *,
+                 residency: bool | None = None) -> None:
+        self.address = address
+        self._host_port = parse_address(address) if address is not None else None
+        self.token = token or ""
+        if residency is None:
+            residency = os.environ.get("GENIE_RESIDENCY", "1").strip().lower() not in ("0", "false", "no")
+        self.residency = residency
+        self.stats = Stats()
+        self.stats.extra.update(upload_bytes=0, connections=0)
+        self._embedded = EmbeddedServer() if address is None else None
+        self._bridge: Bridge | None = None
+        self._pid = os.getpid()
+        self._session: _Session | None = None
+        self._connect_lock: trio.Lock | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+        _OPEN.add(self)
+
+    # -- the Backend protocol -------------------------------------------------------------------
+    def run(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int],
+            keep: Sequence[int], constants: dict[str, torch.Tensor]) -> RunResult:
+        return self.bridge().call(self._run, graph, list(inputs), list(fetch), list(keep), constants)
+
+    async def run_async(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int],
+                        keep: Sequence[int], constants: dict[str, torch.Tensor]) -> RunResult:
+        return await self.bridge().call_async(self._run, graph, list(inputs), list(fetch), list(keep),
+                                              constants)
+
+    def free(self, handle: int) -> None:
+        bridge = self._bridge
+        if bridge is not None and not self._closed:
+            bridge.soon(self._free, handle)
+
+    # -- more -----------------------------------------------------------------------------------
+    def connect(self) -> None:
+        """Connect now (the first run would otherwise): a bad address or token fails here."""
+        self.bridge().call(self._connect)
+
+    def server_stats(self) -> dict:
+        """The server's own counters (constants held, evictions, plan-cache hits, ...)."""
+        async def ask() -> dict:
+            sess = await self._connect()
+            return (await sess.conn.request(Message("stats", {})))["stats"]
+
+        return self.bridge().call(ask)
+
+    def close(self) -> None:
+        """Close the connection, the background loop and the embedded server (at exit, too)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            bridge, self._bridge = self._bridge, None
+        if bridge is not None and bridge.alive and os.getpid() == self._pid:
+            bridge.soon(self._drop_session)
+            bridge.close()
+        if self._embedded is not None and os.getpid() == self._pid:
+            self._embedded.close()
+
+    def bridge(self) -> Bridge:
+        b = self._bridge
+        if b is not None and b.alive and os.getpid() == self._pid:
+            return b
+        with self._lock:  # many threads may make the first call at once: one loop for all
+            if self._closed:
+                raise ConnectionLostError("this genie backend was closed")
+            b = self._bridge
+            if b is None or not b.alive or os.getpid() != self._pid:
+                if os.getpid() != self._pid:  # forked: the parent's loop, socket, server are not ours
+                    self._pid, self._embedded = os.getpid(), \
+                        (EmbeddedServer() if self.address is None else None)
+                self._session, self._connect_lock = None, None
+                b = self._bridge = Bridge()
+            return b
+
+    # -- in the bridge loop ---------------------------------------------------------------------
+    def _drop_session(self) -> None:
+        if self._session is not None:
+            self._session.conn.close()
+            self._session = None
+
+    def _free(self, handle: int) -> None:
+        sess = self._session
+        if sess is not None and handle in sess.handles:
+            sess.handles.discard(handle)
+            sess.conn.free_later([handle])
+
+    async def _connect(self) -> _Session:
+        sess = self._session
+        if sess is not None and not sess.conn.closed:
+            return sess
+        if self._connect_lock is None:
+            self._connect_lock = trio.Lock()
+        async with self._connect_lock:
+            sess = self._session
+            if sess is not None and not sess.conn.closed:
+                return sess
+            if self._embedded is not None:
+                host, port, token = await trio.to_thread.run_sync(self._embedded.ensure)
+            else:
+                (host, port), token = self._host_port, self.token  # type: ignore[misc]
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    conn = await Connection.open(host, port, token, self.stats)
+            except trio.TooSlowError:
+                raise ConnectionLostError(f"timed out connecting to the genie server at {host}:{port}") \
+                    from None
+            await self.bridge_nursery().start(conn.run)
+            self.stats.extra["connections"] += 1
+            self._session = _Session(conn)
+            return self._session
+
+    def bridge_nursery(self) -> trio.Nursery:
+        nursery = self._bridge._nursery if self._bridge is not None else None
+        if nursery is None:
+            raise ConnectionLostError("genie's background loop has stopped")
+        return nursery
+
+    async def _run(self, graph: Graph, inputs: list[torch.Tensor], fetch: list[int], keep: list[int],
+                   constants: dict[str, torch.Tensor]) -> RunResult:
+        sess = await self._connect()
+        for n in graph.nodes:
+            if n.op == RESIDENT and n.args[0] not in sess.handles:
+                raise ConnectionLostError(
+                    "a tensor this program reads was kept on a genie server connection that has since "
+                    "been lost (or freed); compute it again")
+        digests = list(dict.fromkeys(n.args[0] for n in graph.nodes if n.op == CONST))
+        data = {}
+        for d in digests:
+            t = constants.get(d, graph.constants.get(d))
+            if t is None:
+                raise GenieError(f"graph names constant {d} but no data for it was given")
+            data[d] = t
+        for _ in range(RETRIES):
+            if self.residency:
+                await self._ensure_constants(sess, data)
+            waiter = self._post_run(sess, graph, inputs, fetch, keep, data)
+            try:
+                reply = await sess.conn.wait(waiter)
+            except MissingOnServerError as e:  # evicted under the server's memory limit meanwhile
+                sess.known.difference_update(e.digests)
+                continue
+            break
+        else:
+            raise RemoteMemoryError("the server keeps evicting this program's constants before it "
+                                    "runs: its --memory-limit is too small for the working set")
+        if reply.get("slot_refused"):
+            self._refuse_template(sess, graph)
+        handles, metas = reply["handles"], reply["metas"]
+        if len(handles) != len(keep) or len(metas) != len(keep) or len(reply.buffers) != len(fetch):
+            raise RemoteProtocolError("run result does not match what was asked")
+        sess.handles.update(handles)
+        self.stats.runs += 1
+        return RunResult(list(reply.buffers), list(handles), [decode_meta(m) for m in metas])
+
+    async def _ensure_constants(self, sess: _Session, data: dict[str, torch.Tensor]) -> None:
+        """Make sure the server holds every big constant: ask which it lacks, upload those."""
+        big = [d for d, t in data.items() if d not in sess.known and _nbytes(t) > INLINE_MAX]
+        for d in big:
+            ev = sess.uploading.get(d)
+            if ev is not None:  # another run of ours is sending it
+                await ev.wait()
+        mine = {d: trio.Event() for d in big if d not in sess.known and d not in sess.uploading}
+        if not mine:
+            return
+        sess.uploading.update(mine)
+        try:
+            reply = await sess.conn.request(Message("has", {"digests": list(mine)}))
+            missing = set(reply["missing"])
+            sess.known.update(d for d in mine if d not in missing)
+            todo = [d for d in mine if d in missing]
+            if todo:
+                await self._upload(sess, [(d, _wire_tensor(data[d])) for d in todo])
+        finally:
+            for d, ev in mine.items():
+                sess.uploading.pop(d, None)
+                ev.set()
+
+    async def _upload(self, sess: _Session, items: list[tuple[str, torch.Tensor]]) -> None:
+        total = sum(_nbytes(t) for _, t in items)
+        bar = _progress_bar(total)
+        frame = min(UPLOAD_FRAME, sess.conn.max_frame)
+        batches: list[list[tuple[str, torch.Tensor]]] = [[]]
+        size = 0
+        for d, t in items:
+            if batches[-1] and size + _nbytes(t) > frame:
+                batches.append([])
+                size = 0
+            batches[-1].append((d, t))
+            size += _nbytes(t)
+        try:
+            waiters = [(batch, sess.conn.post(
+                Message("upload", {"digests": [d for d, _ in batch]}, [t for _, t in batch]),
+                on_sent=bar.update if bar is not None else None)) for batch in batches]
+            for batch, waiter in waiters:
+                await sess.conn.wait(waiter)  # type: ignore[arg-type]
+                sess.known.update(d for d, _ in batch)
+                self.stats.uploads += len(batch)
+                self.stats.extra["upload_bytes"] += sum(_nbytes(t) for _, t in batch)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _post_run(self, sess: _Session, graph: Graph, inputs: list[torch.Tensor], fetch: list[int],
+                  keep: list[int], data: dict[str, torch.Tensor]):
+        """Build and queue the run message. No checkpoint in here: slot state must follow post order."""
+        inline = [d for d in data if not self.residency or d not in sess.known]
+        sess.known.update(inline)
+        self.stats.uploads += len(inline)
+        self.stats.uploads_skipped += len(data) - len(inline)
+        self.stats.extra["upload_bytes"] += sum(_nbytes(data[d]) for d in inline)
+        fields, plan = self._plan(sess, graph)
+        fields.update(inputs=len(inputs), consts=inline, fetch=fetch, keep=keep)
+        buffers = [*plan, *(_wire_tensor(t) for t in inputs), *(_wire_tensor(data[d]) for d in inline)]
+        orphan = lambda reply: sess.conn.free_later(list(reply["handles"]))  # a cancelled run's values
+        return sess.conn.post(Message("run", fields, buffers), orphan=orphan)
+
+    def _plan(self, sess: _Session, graph: Graph) -> tuple[dict, list]:
+        whole = lambda: [graph.to_bytes(with_constants=False)]
+        if not self.residency:
+            return {"plan": "graph"}, whole()
+        parts = split(graph)
+        if parts is None or parts.digest in sess.refused:
+            return {"plan": "graph"}, whole()
+        slot = sess.slots.get(parts.digest)
+        if slot is None:
+            number = sess.slot_number()
+            sess.slots[parts.digest] = _Slot(number, parts.ints, parts.ints, parts.strs)
+            return {"plan": "graph", "slot": number, "check": parts.digest}, whole()
+        sess.slots.move_to_end(parts.digest)
+        idx, vals = corrections(parts.ints, predict(slot.last, slot.prev))
+        strs = [[i, s] for i, (s, old) in enumerate(zip(parts.strs, slot.strs, strict=True)) if s != old]
+        slot.prev, slot.last, slot.strs = slot.last, parts.ints, parts.strs
+        self.stats.plan_cache_hits += 1
+        return ({"plan": "slot", "slot": slot.number, "check": parts.digest, "strs": strs},
+                [torch.from_numpy(idx), torch.from_numpy(vals)])
+
+    def _refuse_template(self, sess: _Session, graph: Graph) -> None:
+        parts = split(graph)
+        if parts is not None:
+            sess.slots.pop(parts.digest, None)
+            sess.refused.add(parts.digest)
+
+
+def _progress_bar(total: int):
+    if total <= PROGRESS_MIN or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="genie upload",
+                file=sys.stderr, leave=False)
+
+
+# -- choosing the backend -----------------------------------------------------------------------
+def backend_from_env() -> RemoteBackend:
+    """``GENIE_SERVER=host:port`` (+ ``GENIE_TOKEN``): that server; unset: an embedded one."""
+    address = os.environ.get("GENIE_SERVER", "").strip() or None
+    return RemoteBackend(address, os.environ.get("GENIE_TOKEN"))
+
+
+def connect(address: str | None = None, token: str | None = None, *,
+            residency: bool | None = None) -> RemoteBackend:
+    """Point this process at the genie server at ``address`` ("host:port"; None: an embedded one).
+
+    Connects at once, so a wrong address or token raises here. Tensors kept on the previous server
+    are lost. ``token`` defaults to ``$GENIE_TOKEN``; ``residency=False`` is the naive mode.
+    """
+    b = RemoteBackend(address, token if token is not None else os.environ.get("GENIE_TOKEN"),
+                      residency=residency)
+    try:
+        b.connect()
+    except BaseException:
+        b.close()
+        raise
+    old = _backend._backend
+    _backend.set_backend(b)
+    if isinstance(old, RemoteBackend):
+        old.close()
+    return b

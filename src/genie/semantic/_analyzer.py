@@ -1,0 +1,135 @@
+"""``analyze(graph) -> WorkloadProfile``: matches, workload, phase, module paths and cost.
+
+Call tree::
+
+    SemanticAnalyzer(registry).analyze(graph)      cached by (graph.digest, registry.version)
+      registry.match(graph, Folder(graph))         the pattern table, from the last node back
+      classify(graph, matches)                     workload + evidence (rule table in _workload)
+      detect_phase(matches)                        prefill/decode from attention and cache lengths
+      graph_cost(graph)                            FLOPs and bytes per node (table in _cost)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from genie.graph import Graph
+from genie.semantic._cost import GraphCost, graph_cost
+from genie.semantic._fold import Folder
+from genie.semantic._patterns import Match, PatternRegistry
+from genie.semantic._phase import DECODE_MAX_QUERY, Phase, detect_phase
+from genie.semantic._workload import Features, WorkloadType, classify
+
+
+@dataclass(frozen=True, eq=False)
+class WorkloadProfile:
+    """What a graph means. Immutable; shared by every graph with the same digest."""
+
+    digest: str
+    workload: WorkloadType
+    evidence: tuple[str, ...]
+    features: Features
+    matches: tuple[Match, ...]
+    phase: Phase
+    phase_evidence: dict
+    modules: tuple[str, ...]  # module path of each node, by node id ("" outside any module)
+    cost: GraphCost
+    registry_version: int = 0
+    _by_kind: dict[str, tuple[Match, ...]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for m in self.matches:
+            self._by_kind.setdefault(m.kind, ())
+            self._by_kind[m.kind] += (m,)
+
+    def by_kind(self, kind: str) -> tuple[Match, ...]:
+        return self._by_kind.get(kind, ())
+
+    def counts(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self._by_kind.items()}
+
+    def module_of(self, node_id: int) -> str:
+        return self.modules[node_id]
+
+    def __str__(self) -> str:
+        phase = f" / {self.phase}" if self.phase is not Phase.NONE else ""
+        lines = [f"WorkloadProfile {self.workload}{phase}  digest={self.digest[:12]}  "
+                 f"{len(self.modules)} nodes, {self.cost}"]
+        lines += [f"  evidence: {e}" for e in self.evidence]
+        if self.phase_evidence:
+            lines.append("  phase: " + ", ".join(f"{k}={v}" for k, v in self.phase_evidence.items()))
+        counts = Counter(m.kind for m in self.matches)
+        lines.append("  matches: " + ", ".join(f"{k} x{n}" for k, n in counts.items()))
+        for m in self.matches:
+            if m.kind in ("attention", "conv_bn_act", "kv_cache_update"):
+                lines.append(f"    {m}")
+        return "\n".join(lines)
+
+
+class SemanticAnalyzer:
+    """Pure and synchronous: a Graph in, a WorkloadProfile out. Thread-safe; results are cached."""
+
+    def __init__(self, registry: PatternRegistry | None = None, *, decode_max_query: int = DECODE_MAX_QUERY,
+                 cache_size: int = 128) -> None:
+        self.registry = registry if registry is not None else PatternRegistry.default()
+        self.decode_max_query = decode_max_query
+        self._cache: OrderedDict[tuple[str, int], WorkloadProfile] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def analyze(self, graph: Graph) -> WorkloadProfile:
+        key = (graph.digest, self.registry.version)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                self.hits += 1
+                return hit
+        profile = self._analyze(graph)
+        with self._lock:
+            self.misses += 1
+            self._cache[key] = profile
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return profile
+
+    def _analyze(self, graph: Graph) -> WorkloadProfile:
+        matches = self.registry.match(graph, Folder(graph))
+        workload, evidence, feats = classify(graph, matches)
+        phase, phase_ev = (detect_phase(matches, self.decode_max_query)
+                           if workload in (WorkloadType.LLM, WorkloadType.MULTIMODAL) else (Phase.NONE, {}))
+        return WorkloadProfile(graph.digest, workload, evidence, feats, matches, phase, phase_ev,
+                               tuple(n.module for n in graph.nodes), graph_cost(graph),
+                               self.registry.version)
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+
+_default: SemanticAnalyzer | None = None
+_default_lock = threading.Lock()
+
+
+def default_analyzer() -> SemanticAnalyzer:
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = SemanticAnalyzer()
+        return _default
+
+
+def analyze(graph: Graph, registry: PatternRegistry | None = None) -> WorkloadProfile:
+    """What ``graph`` means: its workload, pattern matches, phase, module paths and cost."""
+    if registry is not None:
+        return SemanticAnalyzer(registry).analyze(graph)
+    return default_analyzer().analyze(graph)
+
+
+def matches_of(profile: WorkloadProfile, kinds: Sequence[str]) -> list[Match]:
+    return [m for m in profile.matches if m.kind in kinds]

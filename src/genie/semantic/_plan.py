@@ -1,0 +1,136 @@
+"""The ExecutionPlan: what the runtime and server execute, as plain data.
+
+Node ids in a plan refer to ``plan.graph`` (the graph after fusion); ``plan.node_map`` maps ids of
+the captured graph to it. Stages are contiguous runs of ``plan.graph`` in program order, so running
+stage 0, 1, ... in order is running the graph in order: every data and mutation edge is respected.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from genie.graph import Graph, Ref
+from genie.semantic._phase import Phase
+from genie.semantic._workload import WorkloadType
+
+
+class Residency(enum.Enum):
+    WEIGHT = "weight: pinned on the remote, uploaded once by content digest"
+    KV_CACHE = "kv cache: stays resident across steps"
+    RESIDENT = "resident: already on the remote from an earlier run"
+    INPUT = "input: uploaded, freed after its last use"
+    ACTIVATION = "activation: freed after its last use"
+    OUTPUT = "output: downloaded when its stage ends"
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class FusionGroup:
+    kind: str  # the match kind: "attention", "conv_bn_act"
+    op: str  # the fused op: "genie.attention", "genie.conv2d_bn_act"
+    nodes: tuple[int, ...]  # member ids in the captured graph
+    node: int  # the fused node's id in plan.graph
+    module: str
+    info: Mapping = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    direction: str  # "upload" | "download"
+    node: int  # plan.graph id: the source node (upload) or the value's producer (download)
+    what: str  # "input 0", "weight 3f2a..", "output 1"
+    key: int | str  # input position, constant digest or output index
+    nbytes: int
+    stage: int  # upload: first stage that needs it; download: stage after which it is final
+    pinned: bool = False  # weights: the server may already hold it (skip the bytes if so)
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    name: str  # common module path of its nodes
+    nodes: tuple[int, ...]  # plan.graph ids in program order (sources first used here included)
+    needs: tuple[Ref, ...]  # values produced before this stage that it reads
+    uploads: tuple[int, ...]  # input positions first read here: wait for these before starting
+    weights: tuple[str, ...]  # constant digests first read here
+    ready_outputs: tuple[int, ...]  # indices of graph.outputs final when this stage ends
+    keep_outputs: tuple[int, ...]  # of those, the ones kept resident (KV cache), not downloaded
+    frees: tuple[int, ...]  # values (node ids) dead once this stage ends
+    fused: tuple[int, ...]  # fused node ids in this stage
+    flops: int = 0
+    bytes: int = 0
+
+    @property
+    def first(self) -> int:
+        return self.nodes[0]
+
+    @property
+    def last(self) -> int:
+        return self.nodes[-1]
+
+
+@dataclass(frozen=True, eq=False)
+class ExecutionPlan:
+    key: str  # the plan-cache key: source digest + scheduler settings; the server keys on it too
+    source_digest: str  # digest of the captured graph
+    graph: Graph  # what runs: the captured graph with fusion groups replaced
+    node_map: tuple[int, ...]  # captured node id -> plan.graph id (-1: fused away or dead)
+    workload: WorkloadType
+    phase: Phase
+    stages: tuple[Stage, ...]
+    fusion_groups: tuple[FusionGroup, ...]
+    unfused: tuple[tuple[str, int, str], ...]  # (kind, root in captured graph, why not fused)
+    residency: Mapping[int, Residency]  # plan.graph id -> where its value lives
+    uploads: tuple[Transfer, ...]  # in the order to send them: first use first
+    downloads: tuple[Transfer, ...]  # in the order they become ready
+    stage_of: tuple[int, ...]  # plan.graph id -> stage index
+    last_use: Mapping[int, int]  # value node id -> node id of its last reader
+    peak_bytes: int  # activations alive at once, at most (static estimate)
+    activation_bytes: int  # all activations added up: what running without frees would hold
+    weight_bytes: int
+
+    def fused_graph(self) -> Graph:
+        """The graph to run: each fusion group is one ``genie.*`` node (same as ``plan.graph``)."""
+        return self.graph
+
+    def output_stage(self, index: int) -> int:
+        """The stage after which ``graph.outputs[index]`` is final and may be sent back."""
+        for s in self.stages:
+            if index in s.ready_outputs:
+                return s.index
+        raise IndexError(f"no output {index}")
+
+    def to_dict(self) -> dict:
+        """The plan as plain JSON-able data (node ids of ``plan.graph``), for a peer that has the graph.
+
+        A server holding ``plan.graph`` may also recompute the same plan with ``schedule``: the
+        scheduler is deterministic and a fused graph schedules to the same stages.
+        """
+        return {
+            "key": self.key, "source_digest": self.source_digest, "digest": self.graph.digest,
+            "workload": self.workload.value, "phase": self.phase.value,
+            "stages": [{"index": s.index, "name": s.name, "first": s.first, "last": s.last,
+                        "uploads": list(s.uploads), "weights": list(s.weights),
+                        "needs": [[r.node, r.index] for r in s.needs],
+                        "ready_outputs": list(s.ready_outputs), "keep_outputs": list(s.keep_outputs),
+                        "frees": list(s.frees), "fused": list(s.fused)} for s in self.stages],
+            "uploads": [{"what": t.what, "key": t.key, "node": t.node, "nbytes": t.nbytes, "stage": t.stage,
+                         "pinned": t.pinned} for t in self.uploads],
+            "downloads": [{"output": t.key, "node": t.node, "nbytes": t.nbytes, "stage": t.stage}
+                          for t in self.downloads],
+            "residency": {str(k): v.name.lower() for k, v in self.residency.items()},
+            "peak_bytes": self.peak_bytes, "activation_bytes": self.activation_bytes,
+        }
+
+    def __str__(self) -> str:
+        from genie.semantic._format import format_plan
+
+        return format_plan(self)
+
+    def __repr__(self) -> str:
+        return (f"<ExecutionPlan {self.key[:12]} {self.workload}/{self.phase} {len(self.stages)} stages, "
+                f"{len(self.fusion_groups)} fused>")

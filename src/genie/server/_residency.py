@@ -1,0 +1,175 @@
+"""What a server keeps between runs: a shared pool of constants, and each connection's residents.
+
+Constants (weights) are content-addressed and shared by every connection, so a weight is uploaded
+once per server. Under a memory limit the pool evicts the least recently used constant that no run
+is using. Resident values (handles) belong to one connection, are never evicted, and are freed when
+the client frees them or the connection closes. Both count towards the limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import random
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import torch
+
+from genie._errors import GenieError, RemoteMemoryError
+
+
+class MissingConstantsError(GenieError):
+    """A run named constants this server does not hold (never sent, or evicted): the client re-sends."""
+
+    def __init__(self, digests: list[str]) -> None:
+        self.digests = digests
+        super().__init__(f"{len(digests)} constant(s) not on the server")
+
+
+def storage_bytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
+
+
+class ConstantPool(Mapping[str, torch.Tensor]):
+    """Device tensors by content digest, least recently used first. Thread-safe."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._data: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._pins: dict[str, int] = {}
+        self.const_bytes = 0
+        self.resident_bytes = 0
+        self.reserved = 0
+        self.evictions = 0
+
+    # -- Mapping, as the Interpreter reads it -----------------------------------------------------
+    def __getitem__(self, digest: str) -> torch.Tensor:
+        with self._lock:
+            t = self._data[digest]
+            self._data.move_to_end(digest)
+            return t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._data))
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._data
+
+    # -- residency ------------------------------------------------------------------------------
+    def missing(self, digests: Sequence[str]) -> list[str]:
+        return [d for d in digests if d not in self._data]
+
+    def put(self, digest: str, host: torch.Tensor, to_device: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Store ``to_device(host)`` under ``digest`` unless it is there; makes room first."""
+        n = host.numel() * host.element_size()
+        with self._lock:
+            if digest in self._data:
+                self._data.move_to_end(digest)
+                return
+            self._make_room(n)
+            self.reserved += n
+        try:
+            t = to_device(host)
+        except BaseException:
+            with self._lock:
+                self.reserved -= n
+            raise
+        with self._lock:
+            self.reserved -= n
+            if digest not in self._data:
+                self._data[digest] = t
+                self.const_bytes += n
+
+    @contextlib.contextmanager
+    def pinned(self, digests: Sequence[str]) -> Iterator[None]:
+        """No eviction of ``digests`` inside; raises MissingConstantsError if some are absent."""
+        with self._lock:
+            absent = [d for d in dict.fromkeys(digests) if d not in self._data]
+            if absent:
+                raise MissingConstantsError(absent)
+            for d in digests:
+                self._pins[d] = self._pins.get(d, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                for d in digests:
+                    left = self._pins[d] - 1
+                    if left:
+                        self._pins[d] = left
+                    else:
+                        del self._pins[d]
+
+    def add_residents(self, n: int) -> None:
+        """Count ``n`` more resident bytes, evicting constants to stay under the limit."""
+        with self._lock:
+            self._make_room(n)
+            self.resident_bytes += n
+
+    def drop_residents(self, n: int) -> None:
+        with self._lock:
+            self.resident_bytes -= n
+
+    def used(self) -> int:
+        return self.const_bytes + self.resident_bytes + self.reserved
+
+    def _make_room(self, n: int) -> None:
+        if self.limit is None:
+            return
+        victims = (d for d in list(self._data) if d not in self._pins)
+        while self.used() + n > self.limit:
+            d = next(victims, None)
+            if d is None:
+                pinned = sum(self._data[p].numel() * self._data[p].element_size() for p in self._pins)
+                raise RemoteMemoryError(
+                    f"cannot fit {n} more bytes under the server's memory limit of {self.limit} bytes: "
+                    f"{self.used()} in use, of which {self.resident_bytes} resident and {pinned} "
+                    "pinned by running programs; free tensors or raise --memory-limit")
+            t = self._data.pop(d)
+            self.const_bytes -= t.numel() * t.element_size()
+            self.evictions += 1
+
+
+_handles = itertools.count(random.randrange(1 << 32, 1 << 47))  # distinct across server restarts
+
+
+class Residents(dict[int, torch.Tensor]):
+    """One connection's values kept between runs, by handle; counted in the pool's memory."""
+
+    def __init__(self, pool: ConstantPool) -> None:
+        super().__init__()
+        self.pool = pool
+        self._bytes: dict[int, int] = {}
+
+    def keep(self, values: Sequence[torch.Tensor]) -> list[int]:
+        """Handles for ``values``; RemoteMemoryError (keeping none) when they cannot fit."""
+        seen: set[int] = {t.untyped_storage().data_ptr() for t in self.values()}
+        sizes = []
+        for t in values:
+            ptr = t.untyped_storage().data_ptr()
+            sizes.append(0 if ptr in seen else storage_bytes(t))
+            seen.add(ptr)
+        self.pool.add_residents(sum(sizes))
+        handles = []
+        for t, n in zip(values, sizes, strict=True):
+            h = next(_handles)
+            self[h] = t
+            self._bytes[h] = n
+            handles.append(h)
+        return handles
+
+    def free(self, handles: Sequence[int]) -> None:
+        n = 0
+        for h in handles:
+            if self.pop(h, None) is not None:
+                n += self._bytes.pop(h)
+        self.pool.drop_residents(n)
+
+    def close(self) -> None:
+        self.free(list(self))

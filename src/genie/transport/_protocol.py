@@ -1,0 +1,353 @@
+"""The Genie wire protocol: frames, the message table and the conversation state. No I/O here.
+
+As in h11, a ``Protocol`` turns messages into bytes (``send``) and bytes into messages
+(``receive_data`` / ``next_event``), and can be tested on bytes alone. For bulk payloads it also
+hands out the memory the next bytes belong in (``receive_buffer`` / ``received_into``), so that the
+I/O layer can ``recv_into`` straight into preallocated (pinned, on CUDA) tensors.
+
+Frame (little endian)::
+
+    b"GN" | u8 version | u8 kind code | u32 header length | u64 payload length      (16 bytes)
+    header:  UTF-8 JSON object: the message's fields plus "bufs", one descriptor per buffer:
+             [dtype, shape] for a tensor, ["bytes", n] for raw bytes
+    payload: the buffers back to back, each starting at a multiple of 64 bytes (zero padding)
+
+Messages (``MESSAGES``; every request carries an ``id`` that its reply repeats)::
+
+    kind     sender  fields                                   buffers              reply
+    hello    client  version, token                           -                    welcome | error
+    welcome  server  version, device, max_frame               -
+    has      client  id, digests                              -                    have
+    have     server  id, missing                              -
+    upload   client  id, digests                              one tensor each      done | error
+    done     server  id                                       -
+    run      client  id, plan, inputs, consts, fetch, keep    plan, inputs, consts result | error
+                     (+ frees, slot, check, strs, ints)
+    result   server  id, handles, metas                       fetched tensors
+    fetch    client  id, handle                               -                    result | error
+    free     client  handles                                  -                    (none)
+    stats    client  id                                       -                    report
+    report   server  id, stats                                -
+    ping     client  id                                       -                    pong
+    pong     server  id                                       -
+    error    server  id, kind, message (+ op, traceback,      -
+                     missing); id 0: about the connection
+
+Conversation state (``TRANSITIONS``): START --hello--> GREETED --welcome--> READY; in GREETED an
+error ends it (CLOSED). In READY each side may send its own kinds, in any number and order.
+Before READY a frame may carry no payload and at most 64 KiB of header, so an unauthenticated peer
+cannot make the server allocate.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+import torch
+
+from genie._errors import LocalProtocolError, RemoteProtocolError
+from genie.transport._tensors import as_bytes, describe, from_bytes, parse_descriptor
+
+VERSION = 1
+MAGIC = b"GN"
+PREFIX = struct.Struct("<2sBBIQ")
+ALIGN = 64
+MAX_HEADER = 16 << 20
+GREETING_MAX_HEADER = 64 << 10
+DEFAULT_MAX_FRAME = 8 << 30
+
+CLIENT, SERVER = "client", "server"
+
+
+class State(Enum):
+    START = "start"
+    GREETED = "greeted"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    code: int
+    sender: str
+    fields: dict[str, type | tuple[type, ...]]
+
+
+_I, _S, _L, _D = int, str, list, dict
+MESSAGES: dict[str, Spec] = {
+    "hello": Spec(1, CLIENT, {"version": _I, "token": _S}),
+    "welcome": Spec(2, SERVER, {"version": _I, "device": _S, "max_frame": _I}),
+    "has": Spec(3, CLIENT, {"id": _I, "digests": _L}),
+    "have": Spec(4, SERVER, {"id": _I, "missing": _L}),
+    "upload": Spec(5, CLIENT, {"id": _I, "digests": _L}),
+    "done": Spec(6, SERVER, {"id": _I}),
+    "run": Spec(7, CLIENT, {"id": _I, "plan": _S, "inputs": _I, "consts": _L, "fetch": _L, "keep": _L}),
+    "result": Spec(8, SERVER, {"id": _I, "handles": _L, "metas": _L}),
+    "fetch": Spec(9, CLIENT, {"id": _I, "handle": _I}),
+    "free": Spec(10, CLIENT, {"handles": _L}),
+    "stats": Spec(11, CLIENT, {"id": _I}),
+    "report": Spec(12, SERVER, {"id": _I, "stats": _D}),
+    "ping": Spec(13, CLIENT, {"id": _I}),
+    "pong": Spec(14, SERVER, {"id": _I}),
+    "error": Spec(15, SERVER, {"id": _I, "kind": _S, "message": _S}),
+}
+_BY_CODE = {s.code: k for k, s in MESSAGES.items()}
+_READY_KINDS = {(s.sender, k) for k, s in MESSAGES.items() if k not in ("hello", "welcome")}
+
+# state -> {(sender, kind): next state}; anything not listed breaks the protocol.
+TRANSITIONS: dict[State, dict[tuple[str, str], State]] = {
+    State.START: {(CLIENT, "hello"): State.GREETED},
+    State.GREETED: {(SERVER, "welcome"): State.READY, (SERVER, "error"): State.CLOSED},
+    State.READY: dict.fromkeys(_READY_KINDS, State.READY),
+    State.CLOSED: {},
+}
+
+
+@dataclass(slots=True)
+class Message:
+    """One frame: ``kind``, its JSON ``fields`` and its ``buffers`` (CPU tensors or bytes)."""
+
+    kind: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    buffers: list = field(default_factory=list)
+    nbytes: int = 0  # size on the wire, set when sent or received
+
+    def __getitem__(self, key: str) -> Any:
+        return self.fields[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(key, default)
+
+
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA = _Sentinel("NEED_DATA")  # next_event(): feed more bytes
+CLOSED = _Sentinel("CLOSED")  # next_event(): the peer closed cleanly, between frames
+
+Allocator = Callable[[int], memoryview]  # a writable buffer of n bytes for one frame's payload
+
+
+def _default_allocator(n: int) -> memoryview:
+    return memoryview(np.empty(n, np.uint8))  # not zero-filled: pages are touched only when written
+
+
+def _pad(n: int) -> int:
+    return -n % ALIGN
+
+
+def check_fields(kind: str, fields: dict, error: type[Exception]) -> None:
+    spec = MESSAGES.get(kind)
+    if spec is None:
+        raise error(f"unknown message kind {kind!r:.40}")
+    for name, typ in spec.fields.items():
+        v = fields.get(name)
+        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+            raise error(f"{kind} message: field {name!r} must be {typ.__name__}, got {type(v).__name__}")
+
+
+class Protocol:
+    """One side (``role``) of one connection: state, framing and byte counts."""
+
+    def __init__(self, role: str, *, max_frame: int = DEFAULT_MAX_FRAME,
+                 allocate: Allocator = _default_allocator) -> None:
+        if role not in (CLIENT, SERVER):
+            raise ValueError(f"role must be {CLIENT!r} or {SERVER!r}")
+        self.role = role
+        self.peer = SERVER if role == CLIENT else CLIENT
+        self.state = State.START
+        self.max_frame = max_frame  # largest payload either side may send on this connection
+        self.allocate = allocate
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._buf = bytearray()  # prefix and header bytes not parsed yet
+        self._frame: tuple[str, dict, list, int, int] | None = None  # kind, fields, layout, sizes
+        self._view: memoryview | None = None
+        self._filled = 0
+        self._eof = False
+
+    # -- state ----------------------------------------------------------------------------------
+    def _advance(self, sender: str, kind: str, error: type[Exception]) -> None:
+        nxt = TRANSITIONS[self.state].get((sender, kind))
+        if nxt is None:
+            raise error(f"{sender} may not send {kind!r} in state {self.state.value}")
+        self.state = nxt
+
+    def _limits(self) -> tuple[int, int]:
+        if self.state in (State.START, State.GREETED):
+            return GREETING_MAX_HEADER, 0
+        return MAX_HEADER, self.max_frame
+
+    # -- sending --------------------------------------------------------------------------------
+    def send(self, msg: Message) -> list[bytes | memoryview]:
+        """The bytes of ``msg``, as a list to write in order (tensor data is not copied)."""
+        if "bufs" in msg.fields:
+            raise LocalProtocolError("'bufs' is reserved for the framing")
+        check_fields(msg.kind, msg.fields, LocalProtocolError)
+        if MESSAGES[msg.kind].sender != self.role:
+            raise LocalProtocolError(f"a {self.role} cannot send {msg.kind!r}")
+        if (self.role, msg.kind) not in TRANSITIONS[self.state]:
+            raise LocalProtocolError(f"{self.role} may not send {msg.kind!r} in state {self.state.value}")
+        max_header, max_payload = self._limits()
+        descs, views = [], []
+        for b in msg.buffers:
+            if isinstance(b, torch.Tensor):
+                descs.append(describe(b))
+                views.append(as_bytes(b))
+            else:
+                mv = memoryview(b).cast("B")
+                descs.append(["bytes", mv.nbytes])
+                views.append(mv)
+        out: list[bytes | memoryview] = []
+        size = 0
+        for mv in views:
+            if size % ALIGN:
+                out.append(bytes(_pad(size)))
+                size += _pad(size)
+            out.append(mv)
+            size += mv.nbytes
+        try:
+            head = json.dumps({**msg.fields, "bufs": descs}, separators=(",", ":"),
+                              allow_nan=False).encode()
+        except (TypeError, ValueError) as e:
+            raise LocalProtocolError(f"{msg.kind} message cannot be encoded: {e}") from e
+        if len(head) > max_header or size > max_payload:
+            raise LocalProtocolError(f"{msg.kind} frame too large: header {len(head)} bytes, payload "
+                                     f"{size} bytes (limits {max_header}, {max_payload})")
+        self._advance(self.role, msg.kind, LocalProtocolError)
+        prefix = PREFIX.pack(MAGIC, VERSION, MESSAGES[msg.kind].code, len(head), size)
+        msg.nbytes = PREFIX.size + len(head) + size
+        self.bytes_sent += msg.nbytes
+        return [prefix + head, *out]
+
+    def send_bytes(self, msg: Message) -> bytes:
+        """``send`` joined into one bytes object (tests, small messages)."""
+        return b"".join(bytes(b) for b in self.send(msg))
+
+    # -- receiving ------------------------------------------------------------------------------
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed received bytes; ``b""`` means the peer closed its side."""
+        if not data:
+            self._eof = True
+            return
+        self.bytes_received += len(data)
+        data = memoryview(data).cast("B")
+        if self._view is not None:  # inside a payload: straight into its buffer
+            n = min(len(data), len(self._view) - self._filled)
+            self._view[self._filled : self._filled + n] = data[:n]
+            self._filled += n
+            data = data[n:]
+            if not data:
+                return
+            # bytes past this payload cannot be parsed before the payload is taken by next_event
+        self._buf += data
+
+    def receive_buffer(self) -> memoryview | None:
+        """Where the next payload bytes go (``recv_into`` it), or None: use ``receive_data``."""
+        if self._view is None or self._filled == len(self._view) or self._buf:
+            return None
+        return self._view[self._filled :]
+
+    def received_into(self, n: int) -> None:
+        """``n`` bytes were written at the start of ``receive_buffer()``."""
+        if n == 0:
+            self._eof = True
+            return
+        self.bytes_received += n
+        self._filled += n
+
+    def next_event(self) -> Message | _Sentinel:
+        """The next complete message, NEED_DATA, or CLOSED. Broken bytes raise RemoteProtocolError."""
+        if self._frame is None and not self._parse_header():
+            return self._need_data()
+        kind, fields, layout, size, hlen = self._frame  # type: ignore[misc]
+        if self._view is None:
+            self._view = self.allocate(size).cast("B") if size else memoryview(bytearray())
+            if len(self._view) != size or self._view.readonly:
+                raise LocalProtocolError(f"the allocator gave {len(self._view)} bytes for {size}")
+            self._filled = 0
+            take = min(len(self._buf), size)
+            self._view[:take] = self._buf[:take]
+            self._filled = take
+            del self._buf[:take]
+        if self._filled < size:
+            return self._need_data()
+        buffers: list = []
+        for off, n, d in layout:
+            if d is not None:
+                buffers.append(from_bytes(self._view, off, *d))
+            else:
+                buffers.append(self._view[off : off + n])
+        self._frame, self._view = None, None
+        msg = Message(kind, fields, buffers, PREFIX.size + hlen + size)
+        self._advance(self.peer, kind, RemoteProtocolError)
+        return msg
+
+    def _need_data(self) -> _Sentinel:
+        if self._eof:
+            if self._frame is None and not self._buf:
+                self.state = State.CLOSED
+                return CLOSED
+            raise RemoteProtocolError("the peer closed the connection in the middle of a frame")
+        return NEED_DATA
+
+    def _parse_header(self) -> bool:
+        buf = self._buf
+        if len(buf) < PREFIX.size:
+            if len(buf) >= 2 and bytes(buf[:2]) != MAGIC:
+                raise RemoteProtocolError("bad frame magic: not a genie peer, or the stream is corrupt")
+            return False
+        magic, version, code, hlen, plen = PREFIX.unpack_from(buf)
+        if magic != MAGIC:
+            raise RemoteProtocolError("bad frame magic: not a genie peer, or the stream is corrupt")
+        if version != VERSION:
+            raise RemoteProtocolError(f"peer speaks protocol version {version}, this side {VERSION}")
+        kind = _BY_CODE.get(code)
+        if kind is None:
+            raise RemoteProtocolError(f"unknown message code {code}")
+        max_header, max_payload = self._limits()
+        if hlen > max_header or plen > max_payload:
+            raise RemoteProtocolError(f"frame too large: header {hlen} bytes, payload {plen} bytes "
+                                      f"(limits {max_header}, {max_payload})")
+        if len(buf) < PREFIX.size + hlen:
+            return False
+        try:
+            fields = json.loads(bytes(buf[PREFIX.size : PREFIX.size + hlen]))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise RemoteProtocolError(f"{kind} header is not JSON: {e}") from None
+        if not isinstance(fields, dict):
+            raise RemoteProtocolError(f"{kind} header is not a JSON object")
+        descs = fields.pop("bufs", None)
+        if not isinstance(descs, list):
+            raise RemoteProtocolError(f"{kind} header has no buffer list")
+        check_fields(kind, fields, RemoteProtocolError)
+        layout, size = [], 0
+        for d in descs:
+            size += _pad(size)
+            if isinstance(d, list) and len(d) == 2 and d[0] == "bytes":
+                n = d[1]
+                if type(n) is not int or n < 0:
+                    raise RemoteProtocolError(f"bad byte count {n!r:.40}")
+                layout.append((size, n, None))
+            else:
+                dtype, shape, n = parse_descriptor(d)
+                layout.append((size, n, (dtype, shape)))
+            size += n
+            if size > plen:
+                break
+        if size != plen:
+            raise RemoteProtocolError(f"{kind} frame: buffers need {size} bytes, payload has {plen}")
+        del buf[: PREFIX.size + hlen]
+        self._frame = (kind, fields, layout, plen, hlen)
+        return True

@@ -1,0 +1,54 @@
+"""Tensors as wire buffers: a descriptor ``[dtype, shape]`` plus the contiguous bytes, no copies."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from genie._errors import LocalProtocolError, RemoteProtocolError
+
+# Every torch dtype by its short name; a name outside this table is a protocol error, never a getattr.
+DTYPES: dict[str, torch.dtype] = {
+    str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)
+}
+
+
+def describe(t: torch.Tensor) -> list:
+    return [str(t.dtype).removeprefix("torch."), list(t.shape)]
+
+
+def as_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a CPU tensor, viewed in place when it is contiguous."""
+    if t.device.type != "cpu":
+        raise LocalProtocolError(f"only CPU tensors go on the wire, got one on {t.device}")
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    # numpy has no bfloat16 and friends: view as bytes first (the array keeps ``t`` alive)
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def parse_descriptor(desc: object) -> tuple[torch.dtype, tuple[int, ...], int]:
+    """(dtype, shape, nbytes) of a received descriptor; RemoteProtocolError when it is malformed."""
+    if not (isinstance(desc, list) and len(desc) == 2 and isinstance(desc[0], str)
+            and isinstance(desc[1], list)):
+        raise RemoteProtocolError(f"bad buffer descriptor {desc!r:.80}")
+    dtype = DTYPES.get(desc[0])
+    if dtype is None:
+        raise RemoteProtocolError(f"unknown dtype {desc[0]!r:.40}")
+    shape = desc[1]
+    if len(shape) > 64 or not all(type(s) is int and 0 <= s < 1 << 48 for s in shape):
+        raise RemoteProtocolError(f"bad tensor shape {shape!r:.80}")
+    return dtype, tuple(shape), math.prod(shape) * dtype.itemsize
+
+
+def from_bytes(payload: memoryview, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor over ``payload[offset:]``, sharing its memory. Its storage starts at its first
+    element (storage offset 0), so ``as_strided`` on it means what it means on a fresh tensor."""
+    n = math.prod(shape) * dtype.itemsize
+    if n == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(payload[offset : offset + n], dtype=dtype).view(shape)
