@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import socket
+import sys
 import time
 
 import _server_fixtures as fx
@@ -191,7 +192,7 @@ def test_server_killed_mid_run_then_restarted():
         b = RemoteBackend(srv.address, srv.token)
         try:
             check_served(b)
-            graph = slow_graph(4.0)
+            graph = slow_graph(6.0)  # killed long before it ends
             errors: list[BaseException] = []
 
             async def run_and_kill() -> None:
@@ -204,7 +205,7 @@ def test_server_killed_mid_run_then_restarted():
                             errors.append(e)
 
                     n.start_soon(call)
-                    await trio.sleep(1.0)
+                    await trio.sleep(0.5)
                     t0 = time.monotonic()
                     srv.kill()
                     with trio.fail_after(10):
@@ -322,3 +323,98 @@ def test_stats_message_reports_json(remote):
     stats = remote.server_stats()
     json.dumps(stats)
     assert stats["device"] == "cpu" and stats["runs"] >= 1
+
+
+# -- content addressing cannot be spoofed ---------------------------------------------------------
+def test_upload_under_a_wrong_digest_is_refused(server, remote):
+    from genie.server._residency import content_digest
+
+    real = torch.arange(1000.0)
+    digest = content_digest(real)
+    p, hello = hello_bytes(server.token)
+    s = raw_connection(server)
+    try:
+        s.sendall(hello)
+        p.receive_data(s.recv(65536))
+        assert p.next_event().kind == "welcome"
+        s.sendall(p.send_bytes(Message("upload", {"id": 1, "digests": [digest]}, [torch.zeros(1000)])))
+        p.receive_data(read_until_closed(s))
+        err = p.next_event()
+        assert err.kind == "error" and "content digest" in err["message"]
+    finally:
+        s.close()
+    graph = genie.trace(lambda x: x + real, torch.zeros(1000))
+    assert list(graph.constants) == [digest]
+    (out,) = remote.run(graph, [torch.zeros(1000)], fetch=[0], keep=[], constants=graph.constants).fetched
+    assert torch.equal(out, real)  # the real weights, uploaded by the honest client
+
+
+def test_constant_larger_than_the_max_frame_is_not_implemented():
+    with serving("--max-frame", "1M") as srv:
+        b = RemoteBackend(srv.address, srv.token)
+        try:
+            big = torch.randn(1 << 19)  # 2 MiB
+            graph = genie.trace(lambda x: x + big, torch.zeros(1 << 19))
+            with pytest.raises(NotImplementedError, match="chunked uploads"):
+                b.run(graph, [torch.zeros(16)], fetch=[0], keep=[], constants=graph.constants)
+            check_served(b)
+        finally:
+            b.close()
+
+
+def test_big_uploads_show_a_progress_bar_on_a_terminal(server, monkeypatch, capsys):
+    from genie.runtime import _remote
+
+    monkeypatch.setattr(_remote, "PROGRESS_MIN", 1 << 20)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    b = RemoteBackend(server.address, server.token)
+    try:
+        w = torch.randn(1 << 20)  # 4 MiB
+        graph = genie.trace(lambda x: x * w, torch.ones(1 << 20))
+        (out,) = b.run(graph, [torch.ones(1 << 20)], fetch=[0], keep=[], constants=graph.constants).fetched
+        assert torch.equal(out, w)
+    finally:
+        b.close()
+    assert "genie upload" in capsys.readouterr().err
+
+
+def test_writing_to_a_constant_does_not_change_it_for_others(server, remote):
+    a = torch.ones(3).to("remote_accelerator:0")  # a constant, shared by content digest
+    a.add_(1)
+    assert a.cpu().tolist() == [2.0, 2.0, 2.0]
+    b = torch.ones(3).to("remote_accelerator:0")  # the same digest: must still be ones
+    assert (b * 1).cpu().tolist() == [1.0, 1.0, 1.0]
+    w = torch.ones(3)  # another client, naming the same constant: it finds it on the server
+    graph = genie.trace(lambda x: x * w, torch.full((3,), 5.0))
+    other = RemoteBackend(server.address, server.token)
+    try:
+        (out,) = other.run(graph, [torch.full((3,), 5.0)], fetch=[0], keep=[],
+                           constants=graph.constants).fetched
+        assert out.tolist() == [5.0, 5.0, 5.0]
+    finally:
+        other.close()
+
+
+def test_a_written_constant_keeps_its_new_value(remote):
+    a = torch.ones(3).to("remote_accelerator:0")
+    a.add_(1)
+    a.cpu()
+    assert (a * 1).cpu().tolist() == [2.0, 2.0, 2.0]
+
+
+def test_a_run_bigger_than_the_max_frame_fails_here_and_the_connection_lives():
+    with serving("--max-frame", "1M") as srv:
+        b = RemoteBackend(srv.address, srv.token)
+        try:
+            graph = genie.trace(lambda x: x * 2, torch.zeros(1 << 19))
+            with pytest.raises(genie.LocalProtocolError, match="max-frame"):
+                b.run(graph, [torch.zeros(1 << 19)], fetch=[0], keep=[], constants=graph.constants)
+            x = torch.zeros(1 << 17)  # 512 KiB in, 512 KiB out: fine both ways
+            small = genie.trace(lambda x: x + 1, x)
+            (out,) = b.run(small, [x], fetch=[0], keep=[], constants=small.constants).fetched
+            assert float(out.sum()) == float(1 << 17)
+            big = genie.trace(lambda x: x.repeat(8), x)  # 4 MiB back: a result is not limited
+            (out,) = b.run(big, [x], fetch=[0], keep=[], constants=big.constants).fetched
+            assert out.numel() == 1 << 20
+        finally:
+            b.close()

@@ -62,3 +62,19 @@ def test_huge_ints_are_not_templated():
     g = Graph([Node(0, INPUT, (0,), outputs=(meta,)),
                Node(1, "aten.add.Scalar", (Ref(0), 1 << 70), outputs=(meta,))], [Ref(1)])
     assert split(g) is None
+
+
+def test_refills_rebuild_only_changed_nodes_and_agree_with_a_full_parse():
+    graphs = [decode_like(n) for n in (5, 6, 7, 8)]
+    t = Template(split(graphs[0]).skeleton)
+    filled = []
+    for g in graphs:
+        parts = split(g)
+        filled.append(t.fill(parts.ints, parts.strs))
+        assert filled[-1].digest == g.digest  # incremental refill == what Graph.from_bytes builds
+        fresh = Template(parts.skeleton).fill(parts.ints, parts.strs)
+        assert fresh.digest == g.digest
+    shared = sum(a is b for a, b in zip(filled[1].nodes, filled[2].nodes, strict=True))
+    assert 0 < shared < len(filled[1].nodes)
+    parts = split(graphs[-1])
+    assert t.fill(parts.ints, parts.strs) is filled[-1]  # nothing changed: the same graph

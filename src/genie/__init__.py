@@ -11,9 +11,13 @@ from genie._errors import (
     RemoteProtocolError,
     UnsupportedOpError,
 )
-from genie.lazy import LazyTensor, capture, get_graph, trace
+from genie._profile import profile
+from genie._setup import setup as _setup
+from genie._setup import stats
 from genie.graph import Graph
+from genie.lazy import LazyTensor, capture, get_graph, trace
 from genie.runtime import execute
+from genie.runtime._remote import connect
 from genie.semantic import (
     ExecutionPlan,
     PatternRegistry,
@@ -24,9 +28,6 @@ from genie.semantic import (
     analyze,
     schedule,
 )
-from genie._profile import profile
-from genie.runtime._remote import connect
-from genie._setup import setup as _setup, stats
 
 _setup()
 

@@ -53,15 +53,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 # -- demo -----------------------------------------------------------------------------------------
-# ``genie demo`` runs ``genie._demo.main()``; it is listed only once that module exists.
+# ``genie demo`` runs ``genie._demo.main()``; it is listed only when that module exists.
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    pass
 
 
 def _demo(args: argparse.Namespace) -> int:
     from genie import _demo  # type: ignore[attr-defined]
 
-    return _demo.main(*([args.rest] if args.rest else [])) or 0
+    return _demo.main() or 0
 
 
 def _has_demo() -> bool:

@@ -29,7 +29,7 @@ import torch
 
 from genie._errors import ProtocolError
 from genie.graph._ir import CONST, Graph, Node, Ref
-from genie.graph._wire import MAGIC, encode_value
+from genie.graph._wire import MAGIC, decode_meta, decode_value, encode_value
 
 _INT = "\x00genie:int\x00"
 _STR = "\x00genie:str\x00"
@@ -148,28 +148,93 @@ def split(graph: Graph) -> Split | None:
 
 
 class Template:
-    """A skeleton cut at its holes, ready to be filled many times."""
+    """A skeleton cut at its holes, ready to be filled many times.
+
+    The first fill parses the whole text, through ``Graph.from_bytes`` and its checks. Later fills
+    rebuild only the nodes with a hole that changed since the last fill and share the rest with the
+    last graph: a decode step changes the sizes of about a third of its nodes.
+    """
 
     def __init__(self, skeleton: str) -> None:
-        parts = _HOLE.split(skeleton)
-        self.segments: list[str] = parts[0::2]
-        self.kinds: list[str] = parts[1::2]
-        self.n_ints = self.kinds.count("int")
-        self.n_strs = len(self.kinds) - self.n_ints
         self.digest = hashlib.blake2b(skeleton.encode(), digest_size=16).hexdigest()
+        self._text = _HOLE.split(skeleton)
+        try:
+            header = json.loads(skeleton)
+            self._outputs = [Ref(int(n), int(i)) for n, i in header["outputs"]]
+            records = header["nodes"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ProtocolError(f"malformed plan template: {e}") from e
+        self._records: list[tuple[list[str], list[str]]] = []
+        int_nodes: list[int] = []
+        self._str_nodes: list[int] = []
+        for i, rec in enumerate(records):
+            parts = _HOLE.split(json.dumps(rec, separators=(",", ":")))
+            kinds = parts[1::2]
+            self._records.append((parts[0::2], kinds))
+            for k in kinds:
+                (int_nodes if k == "int" else self._str_nodes).append(i)
+        self._int_nodes = np.array(int_nodes, dtype=np.int64)
+        self.n_ints, self.n_strs = len(int_nodes), len(self._str_nodes)
+        self._last: tuple[np.ndarray, list[str], Graph] | None = None
 
     def fill(self, ints: np.ndarray, strs: list[str]) -> Graph:
         if len(ints) != self.n_ints or len(strs) != self.n_strs:
             raise ProtocolError(f"template takes {self.n_ints} ints and {self.n_strs} strings, "
                                 f"got {len(ints)} and {len(strs)}")
-        int_iter = iter(ints.tolist())
-        str_iter = iter(strs)
-        out = [self.segments[0]]
-        for kind, seg in zip(self.kinds, self.segments[1:], strict=True):
-            out.append(str(next(int_iter)) if kind == "int" else json.dumps(next(str_iter)))
+        last = self._last
+        if last is None:
+            graph = self._parse(ints, strs)
+        else:
+            last_ints, last_strs, last_graph = last
+            changed = set(self._int_nodes[np.flatnonzero(ints != last_ints)].tolist())
+            changed.update(self._str_nodes[i] for i, (a, b) in enumerate(zip(strs, last_strs, strict=True))
+                           if a != b)
+            if not changed:
+                return last_graph
+            nodes = list(last_graph.nodes)
+            ints_list = ints.tolist()
+            for i in changed:
+                nodes[i] = self._node(i, ints_list, strs)
+            graph = Graph(nodes, list(self._outputs))
+        self._last = (ints.copy(), list(strs), graph)
+        return graph
+
+    def _parse(self, ints: np.ndarray, strs: list[str]) -> Graph:
+        values = iter(ints.tolist())
+        texts = iter(strs)
+        segs, kinds = self._text[0::2], self._text[1::2]
+        out = [segs[0]]
+        for kind, seg in zip(kinds, segs[1:], strict=True):
+            out.append(str(next(values)) if kind == "int" else json.dumps(next(texts)))
             out.append(seg)
         head = "".join(out).encode()
         return Graph.from_bytes(MAGIC + struct.pack("<I", len(head)) + head)
+
+    def _node(self, i: int, ints: list[int], strs: list[str]) -> Node:
+        """Node ``i`` alone; its wiring comes from the skeleton, which the first fill checked."""
+        segs, kinds = self._records[i]
+        ii = int(np.searchsorted(self._int_nodes, i))  # its first int hole
+        si = self._str_nodes.index(i) if "str" in kinds else 0
+        out = [segs[0]]
+        for kind, seg in zip(kinds, segs[1:], strict=True):
+            if kind == "int":
+                out.append(str(ints[ii]))
+                ii += 1
+            else:
+                out.append(json.dumps(strs[si]))
+                si += 1
+            out.append(seg)
+        try:  # as graph_from_bytes builds a node (a test checks both ways agree)
+            op, args, kwargs, outs, multi, storages, writes, *rest = json.loads("".join(out))
+            module, seed = rest if rest else ("", None)
+            return Node(i, str(op), tuple(decode_value(args)),
+                        {k: decode_value(v) for k, v in kwargs.items()},
+                        tuple(decode_meta(m) for m in outs), bool(multi), tuple(storages),
+                        tuple(writes), module, seed)
+        except ProtocolError:
+            raise
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise ProtocolError(f"malformed plan template node {i}: {e}") from e
 
 
 def predict(last: np.ndarray, prev: np.ndarray) -> np.ndarray:

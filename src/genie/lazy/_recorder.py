@@ -54,6 +54,7 @@ class Recorder:
         self.weight_ids: set[int] = set()  # id() of module buffers seen in a capture: weights
         self.const_cache: dict[str, Node] = {}  # digest -> CONST node (capture modes)
         self.imports: dict[tuple[int, int], tuple[Node, Node]] = {}  # foreign value -> local node
+        self._const_live: dict[int, list[weakref.ref]] = {}  # storage -> CONST-bound tensors
         self._created: list[weakref.ref] = []  # capture modes: every tensor made, for outputs
         self.module_path = ""
 
@@ -75,6 +76,8 @@ class Recorder:
         wr = weakref.ref(t)
         if node.op not in (CONST, INPUT, RESIDENT):
             self._live.setdefault(node.id, []).append(wr)
+        elif node.op == CONST:  # kept by a flush that writes to it: constants are shared
+            self._const_live.setdefault(node.storages[0], []).append(wr)
         if self.history is not None:
             self._created.append(wr)
 
@@ -116,6 +119,7 @@ class Recorder:
             roots = fetch_refs + [r for r in keep_refs if r not in fetch_refs]
             nodes = {n.id: n for n in self.pending} | self._sources
             nodes.update((t._node.id, t._node) for t in wanted)
+            nodes.update((r.node, wrs[0]()._node) for r, wrs in live.items() if r.node not in nodes)
             graph, inputs = build_graph(self.pending, nodes, roots, self.input_tensors)
             pos = {r: i for i, r in enumerate(roots)}
             result = backend().run(graph, inputs, fetch=[pos[r] for r in fetch_refs],
@@ -146,6 +150,13 @@ class Recorder:
                 t = wr()
                 if t is not None and t._node.id == nid:
                     live.setdefault(Ref(nid, t._index), []).append(wr)
+        # A constant the program writes to is copied on the executor; whoever still holds it
+        # must read the written copy from now on, so it is kept like any live value.
+        for storage in {s for n in self.pending for s in n.writes} & self._const_live.keys():
+            alive = [wr for wr in self._const_live.pop(storage) if wr() is not None]
+            for wr in alive:
+                t = wr()
+                live.setdefault(Ref(t._node.id, t._index), []).append(wr)
         return live
 
     def _constants_of(self, graph: Graph) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ import os
 import socket
 from collections.abc import Callable
 
+import torch
 import trio
 
 from genie._errors import (
@@ -179,6 +180,11 @@ class Connection:
         """Queue ``msg`` (an ``id`` is given to requests); returns the Waiter of its reply."""
         if self.closed:
             raise self.error or ConnectionLostError("not connected")
+        size = sum(b.numel() * b.element_size() if isinstance(b, torch.Tensor) else len(b)
+                   for b in msg.buffers)
+        if size > self.max_frame:
+            raise LocalProtocolError(f"a {msg.kind} message of {size} bytes is more than the server "
+                                     f"accepts ({self.max_frame}): start it with a larger --max-frame")
         waiter = None
         if reply:
             req_id = next(self._ids)

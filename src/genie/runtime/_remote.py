@@ -16,6 +16,16 @@ Call tree::
 Residency (``GENIE_RESIDENCY``, default 1): constants are uploaded by content digest only when the
 server lacks them, and graphs run from the server's template cache. With ``GENIE_RESIDENCY=0`` every
 run re-sends every constant and the whole graph: the naive baseline the benchmarks compare against.
+(Values a run keeps, such as a KV cache, stay on the server either way: the recorder asks for that.)
+
+Environment:
+    GENIE_SERVER=host:port     use that server (GENIE_TOKEN: its token); unset: an embedded server;
+                               ``inprocess``: no server at all (genie._setup picks LocalBackend)
+    GENIE_RESIDENCY=0          naive mode (above)
+    GENIE_PING_AFTER=5         seconds of silence, with requests in flight, before pinging the server
+    GENIE_DEAD_AFTER=30        seconds of silence after which the server counts as lost
+    GENIE_BUFFER_CACHE=1GiB    bytes of freed receive buffers kept for reuse (in bytes)
+    GENIE_EMBEDDED_START_TIMEOUT=120   seconds an embedded server may take to start
 """
 
 from __future__ import annotations
@@ -284,9 +294,15 @@ class RemoteBackend:
                 ev.set()
 
     async def _upload(self, sess: _Session, items: list[tuple[str, torch.Tensor]]) -> None:
+        frame = min(UPLOAD_FRAME, sess.conn.max_frame)
+        for _, t in items:
+            if _nbytes(t) > sess.conn.max_frame - (64 << 10):
+                raise NotImplementedError(
+                    f"uploading one constant of {_nbytes(t)} bytes, more than the server's max frame "
+                    f"({sess.conn.max_frame}): chunked uploads are not implemented; start the server "
+                    "with a larger --max-frame")
         total = sum(_nbytes(t) for _, t in items)
         bar = _progress_bar(total)
-        frame = min(UPLOAD_FRAME, sess.conn.max_frame)
         batches: list[list[tuple[str, torch.Tensor]]] = [[]]
         size = 0
         for d, t in items:

@@ -7,13 +7,18 @@ Call tree::
       receive_loop()                    frames -> work queue, in order; ping answered at once
       work_loop()                       one message at a time, in the order received:
         HANDLERS[kind](msg)               has, upload, run, fetch, free, stats
-          run: plan (graph | slot) -> Graph, then stage inputs, compute, to_host off the loop
+          run: plan (graph | slot) -> Graph; inline constants (digest checked); then, in a
+               worker thread: stage inputs, compute, keep; results go to the send task
       send_loop()                       replies -> bytes -> socket
       finally: residents freed
 
 Work is ordered per connection (a free queued after a run must not overtake it) but runs in worker
 threads, so a long compute never stops the event loop from serving other connections. A frame that
 breaks the protocol closes this connection only; an error inside a run becomes an ``error`` reply.
+
+Results are sent from the tensors themselves, without a copy. So a run that writes to a resident
+value waits until no result is still being sent, and a run that writes to a constant (shared by
+every client under its digest) writes to its own copy.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import math
 import sys
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections import ChainMap
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,11 +46,11 @@ from genie._errors import (
     RemoteProtocolError,
     UnsupportedOpError,
 )
-from genie.graph import CONST, INPUT, RESIDENT, SOURCE_OPS, Graph, TensorMeta
+from genie.graph import CONST, RESIDENT, SOURCE_OPS, Graph, Node, TensorMeta
 from genie.graph._template import Template, apply, predict, split
 from genie.graph._wire import encode_meta
 from genie.server._interpreter import Interpreter
-from genie.server._residency import MissingConstantsError, Residents
+from genie.server._residency import MissingConstantsError, Residents, content_digest
 from genie.transport import CLOSED, NEED_DATA, SERVER, VERSION, Message, Protocol
 
 if TYPE_CHECKING:
@@ -54,7 +60,7 @@ _GONE = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 RECV_SIZE = 256 << 10
 COALESCE = 64 << 10  # small parts of one frame go out in one send
 MAX_SLOTS = 1024
-INLINE_COPY = 1 << 20  # bytes a run may copy on the event loop instead of in a worker
+INLINE_BYTES = 1 << 20  # a constant this small is checked and stored on the event loop
 
 
 @dataclass
@@ -141,6 +147,8 @@ class Connection:
         self.outbox, self._outbox_recv = trio.open_memory_channel[Message](math.inf)
         self.work, self._work_recv = trio.open_memory_channel[Message](64)
         self.work_scope = trio.CancelScope()
+        self._in_flight = 0  # result messages queued or being written
+        self._sent = trio.Event()  # set (and replaced) each time that count drops to zero
         self.greeted = False
         self.closing = False
 
@@ -228,8 +236,16 @@ class Connection:
         await trio.sleep_forever()  # fatal(): the send task finishes the conversation
 
     async def send_loop(self) -> None:
+        stats = self.server.stats
         async for msg in self._outbox_recv:
+            t0 = time.perf_counter()
             await send_parts(self.sock, self.proto.send(msg))
+            stats["send_seconds"] += time.perf_counter() - t0
+            if msg.kind == "result" and msg.buffers:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._sent.set()
+                    self._sent = trio.Event()
         # the outbox is closed only by fatal(): all is said, so returning ends the connection
 
     async def work_loop(self) -> None:
@@ -244,6 +260,8 @@ class Connection:
                 except Exception as e:
                     reply = error_message(req_id, e)
                 if reply is not None and not self.closing:
+                    if reply.kind == "result" and reply.buffers:
+                        self._in_flight += 1  # fetched values may be residents: see on_run
                     self.outbox.send_nowait(reply)
         await trio.sleep_forever()  # fatal(): the send task finishes the conversation
 
@@ -261,9 +279,18 @@ class Connection:
     async def _store_constants(self, digests: list[str], tensors: list[torch.Tensor]) -> None:
         pool, device = self.server.pool, self.server.device
         for d, t in zip(digests, tensors, strict=True):
-            if d not in pool:
-                await trio.to_thread.run_sync(pool.put, d, t, device.to_device)
-                self.server.stats["uploads"] += 1
+            if d in pool:
+                continue
+            if t.numel() * t.element_size() <= INLINE_BYTES and not device.cuda:
+                self._put(d, t)  # a token id, a scalar: not worth a worker thread
+            else:
+                await trio.to_thread.run_sync(self._put, d, t)
+
+    def _put(self, digest: str, t: torch.Tensor) -> None:
+        if content_digest(t) != digest:  # else a client could shadow another's weights
+            raise RemoteProtocolError(f"constant {digest[:16]}... does not have that content digest")
+        self.server.pool.put(digest, t, self.server.device.to_device)
+        self.server.stats["uploads"] += 1
 
     async def on_free(self, msg: Message) -> None:
         self.residents.free(_ints(msg["handles"], "handles"))
@@ -275,9 +302,9 @@ class Connection:
         t = self.residents.get(msg["handle"])
         if t is None:
             raise GenieError(f"handle {msg['handle']} is not resident on this connection")
-        shared = {t.untyped_storage().data_ptr()}
-        (host,) = await trio.to_thread.run_sync(self.server.device.to_host, [t], shared)
-        return Message("result", {"id": msg["id"], "handles": [], "metas": []}, [host])
+        device = self.server.device
+        host = await trio.to_thread.run_sync(device.to_host, [t]) if device.cuda else [t]
+        return Message("result", {"id": msg["id"], "handles": [], "metas": []}, host)
 
     async def on_run(self, msg: Message) -> Message:
         server = self.server
@@ -303,42 +330,44 @@ class Connection:
                                  "(freed, or kept by another connection)")
         device = server.device
         consts = [n.args[0] for n in graph.nodes if n.op == CONST]
+        written, writes_residents = _written_sources(graph)
+        if writes_residents:  # a resident being sent must not change under the send
+            while self._in_flight:
+                await self._sent.wait()
         # on CUDA, staging and copying back run beside other connections' compute (copy stream);
         # on the CPU both are free, so one worker thread does the whole run
         if device.cuda:
             inputs = await trio.to_thread.run_sync(device.stage, inputs)
-        if not device.cuda and _trivial(graph, fetch):
+        if not device.cuda and all(n.op in SOURCE_OPS for n in graph.nodes):
             # nothing to compute (``.cpu()`` of a kept value, an echo): no worker thread needed
-            handles, metas, fetched = self._execute(graph, inputs, consts, fetch, keep, True)
+            handles, metas, fetched = self._execute(graph, inputs, consts, fetch, keep, written)
         else:
             async with server.compute_limiter:
                 handles, metas, fetched = await trio.to_thread.run_sync(
-                    self._execute, graph, inputs, consts, fetch, keep, not device.cuda)
+                    self._execute, graph, inputs, consts, fetch, keep, written)
         if device.cuda:
-            fetched = await trio.to_thread.run_sync(device.to_host, fetched, set())
+            fetched = await trio.to_thread.run_sync(device.to_host, fetched)
         server.stats["runs"] += 1
         return Message("result", {"id": msg["id"], "handles": handles, "metas": metas}, fetched)
 
     def _execute(self, graph: Graph, inputs: list[torch.Tensor], consts: list[str], fetch: list[int],
-                 keep: list[int], to_host: bool) -> tuple[list[int], list, list[torch.Tensor]]:
+                 keep: list[int], written: list[str]) -> tuple[list[int], list, list[torch.Tensor]]:
         """Run; keep what is kept; return handles, their metas and the values to fetch."""
         t0 = time.perf_counter()
-        values = self._compute(graph, inputs, consts)
+        values = self._compute(graph, inputs, consts, written)
         self.server.stats["compute_seconds"] += time.perf_counter() - t0
         handles = self.residents.keep([values[i] for i in keep])
         metas = [encode_meta(TensorMeta.of(values[i])) for i in keep]
-        fetched = [values[i] for i in fetch]
-        if to_host:  # copy what a later run could change or free while it is being sent
-            pool = self.server.pool
-            shared = {t.untyped_storage().data_ptr() for t in self.residents.values()}
-            shared.update(pool[d].untyped_storage().data_ptr() for d in consts if d in pool)
-            fetched = self.server.device.to_host(fetched, shared)
-        return handles, metas, fetched
+        return handles, metas, [values[i] for i in fetch]
 
-    def _compute(self, graph: Graph, inputs: list[torch.Tensor], consts: list[str]) -> list[torch.Tensor]:
+    def _compute(self, graph: Graph, inputs: list[torch.Tensor], consts: list[str],
+                 written: list[str]) -> list[torch.Tensor]:
         server = self.server
         with server.pool.pinned(consts):
-            interp = Interpreter(graph, device=server.device.device, constants=server.pool,
+            constants: Mapping[str, torch.Tensor] = server.pool
+            if written:  # constants are shared by every client: a program writes to its own copy
+                constants = ChainMap({d: server.pool[d].clone() for d in written}, server.pool)
+            interp = Interpreter(graph, device=server.device.device, constants=constants,
                                  residents=self.residents)
             try:
                 interp.check_inputs(inputs)
@@ -411,12 +440,22 @@ HANDLERS: dict[str, Callable[[Connection, Message], Awaitable[Message | None]]] 
 }
 
 
-def _trivial(graph: Graph, fetch: list[int]) -> bool:
-    """No op to run, and at most a small copy to make (of a kept value being fetched)."""
-    if not all(n.op in SOURCE_OPS for n in graph.nodes):
-        return False
-    copies = (graph.meta(graph.outputs[i]) for i in fetch if graph.nodes[graph.outputs[i].node].op != INPUT)
-    return sum(m.nbytes for m in copies) <= INLINE_COPY
+def _written_sources(graph: Graph) -> tuple[list[str], bool]:
+    """(digests of constants the graph writes to, whether it writes to a resident value)."""
+    owner: dict[int, Node] = {}
+    for n in graph.nodes:
+        if n.op in (CONST, RESIDENT):
+            for sid in n.storages:
+                owner[sid] = n
+    consts, residents = [], False
+    for n in graph.nodes:
+        for sid in n.writes:
+            src = owner.get(sid)
+            if src is not None and src.op == CONST:
+                consts.append(src.args[0])
+            elif src is not None:
+                residents = True
+    return list(dict.fromkeys(consts)), residents
 
 
 def _strings(v: list, what: str) -> list[str]:

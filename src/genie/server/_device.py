@@ -49,7 +49,7 @@ class Device:
         """Host tensors onto the device, through the copy stream; blocks until they are there."""
         if not self.cuda:
             return list(hosts)
-        with torch.cuda.stream(self.copy_stream):
+        with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):
             out = [h.to(self.device, non_blocking=True) for h in hosts]
         self.copy_stream.synchronize()
         return out
@@ -58,17 +58,17 @@ class Device:
         """Run ``fn`` on the compute stream and wait for it."""
         if not self.cuda:
             return fn()
-        with torch.cuda.stream(self.compute_stream):
+        # worker threads start on cuda:0: name the device as well as the stream
+        with torch.cuda.device(self.device), torch.cuda.stream(self.compute_stream):
             out = fn()
         self.compute_stream.synchronize()
         return out
 
-    def to_host(self, values: Sequence[torch.Tensor], shared: set[int]) -> list[torch.Tensor]:
-        """CPU copies of ``values`` to send; on the CPU only those sharing memory in ``shared``
-        (a resident, a constant: a later run may change or free them while they are being sent)."""
+    def to_host(self, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Pinned host copies of device ``values``, to send (CPU values pass through)."""
         if not self.cuda:
-            return [v.clone() if v.untyped_storage().data_ptr() in shared else v for v in values]
-        with torch.cuda.stream(self.copy_stream):
+            return list(values)
+        with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):
             out = []
             for v in values:
                 if v.device.type == "cpu":

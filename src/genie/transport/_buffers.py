@@ -45,7 +45,7 @@ class BufferPool:
         if block is None:
             block = np.empty(cls, np.uint8)
         lent = block[:n]
-        weakref.finalize(lent, self._release, block)
+        weakref.finalize(lent, self._release, block).atexit = False
         return memoryview(lent)
 
     def _release(self, block: np.ndarray) -> None:

@@ -167,7 +167,7 @@ class Protocol:
         self.role = role
         self.peer = SERVER if role == CLIENT else CLIENT
         self.state = State.START
-        self.max_frame = max_frame  # largest payload either side may send on this connection
+        self.max_frame = max_frame  # largest payload accepted from the peer
         self.allocate = allocate
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -199,7 +199,11 @@ class Protocol:
             raise LocalProtocolError(f"a {self.role} cannot send {msg.kind!r}")
         if (self.role, msg.kind) not in TRANSITIONS[self.state]:
             raise LocalProtocolError(f"{self.role} may not send {msg.kind!r} in state {self.state.value}")
+        # the payload limit is the receiver's to enforce (it knows its own max_frame); before the
+        # handshake is done nothing but a small hello/welcome/error may be sent either way
         max_header, max_payload = self._limits()
+        if self.state is State.READY:
+            max_payload = 1 << 62
         descs, views = [], []
         for b in msg.buffers:
             if isinstance(b, torch.Tensor):
