@@ -11,6 +11,7 @@ Call tree::
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
@@ -112,16 +113,9 @@ class SemanticAnalyzer:
             self._cache.clear()
 
 
-_default: SemanticAnalyzer | None = None
-_default_lock = threading.Lock()
-
-
+@functools.cache  # one shared instance; a racing first call builds a spare, harmlessly
 def default_analyzer() -> SemanticAnalyzer:
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = SemanticAnalyzer()
-        return _default
+    return SemanticAnalyzer()
 
 
 def analyze(graph: Graph, registry: PatternRegistry | None = None) -> WorkloadProfile:

@@ -15,6 +15,7 @@ Call tree::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from collections import OrderedDict
@@ -184,16 +185,9 @@ class Scheduler:
                              tuple(stage_of), last_use, peak, total, weight_bytes)
 
 
-_default: Scheduler | None = None
-_default_lock = threading.Lock()
-
-
+@functools.cache  # one shared instance; a racing first call builds a spare, harmlessly
 def default_scheduler() -> Scheduler:
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = Scheduler()
-        return _default
+    return Scheduler()
 
 
 def schedule(graph: Graph, profile: WorkloadProfile | None = None) -> ExecutionPlan:
