@@ -171,3 +171,16 @@ def test_shape_cache_hits_on_repeat():
     hits = SHAPES.hits
     (x * 3 + 1).relu()
     assert SHAPES.hits >= hits + 3
+
+
+def test_a_failed_run_is_not_repeated_and_its_values_say_why():
+    x = torch.arange(3.0, device=DEV)
+    y = x * 3  # pending: it runs, and is lost, with the failing program
+    with pytest.raises(genie.RemoteExecutionError, match="out of bounds"):
+        x[torch.tensor([5]).to(DEV)].cpu()  # out of range: only the executor can tell
+    with pytest.raises(genie.GenieError, match="lost when the program that computed it failed"):
+        y * 2
+    with pytest.raises(genie.GenieError, match="lost"):
+        y.cpu()
+    z = torch.arange(3.0, device=DEV)
+    assert (z * 2).cpu().tolist() == [0.0, 2.0, 4.0]  # the thread carries on

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map
 
-from genie._errors import UnsupportedOpError
+from genie._errors import GenieError, UnsupportedOpError
 from genie.graph import CONST, INPUT, RESIDENT, Node, Ref, TensorMeta
 from genie.lazy._meta import SHAPES, OpInfo, infer, meta_tensor, op_info
-from genie.lazy._recorder import Recorder, content_digest
+from genie.lazy._recorder import FAILED, Recorder, content_digest
 
 aten = torch.ops.aten
 _DEFAULT_DEVICE = None  # set by _device.register(): torch.device needs the backend renamed first
@@ -186,6 +186,8 @@ class _Args:
             elif t._device != self.device:
                 raise _device_error(self.device, t._device)
             node = t._node if t._rec is rec else import_into(rec, t)
+            if node.op == FAILED:
+                raise GenieError(node.args[0])
             if node.op in _SOURCE_OPS:
                 rec._sources[node.id] = node
             self.key.append(t._meta)

@@ -17,8 +17,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from genie._errors import GenieError
 from genie.graph import CONST, INPUT, RESIDENT, Graph, Node, Ref, TensorMeta, map_refs
 from genie.runtime import backend
+
+FAILED = "genie.failed"  # a value lost with a run that failed; never sent
 
 if TYPE_CHECKING:
     from genie.lazy._lazy import LazyTensor
@@ -120,10 +123,18 @@ class Recorder:
             nodes = {n.id: n for n in self.pending} | self._sources
             nodes.update((t._node.id, t._node) for t in wanted)
             nodes.update((r.node, wrs[0]()._node) for r, wrs in live.items() if r.node not in nodes)
+            for t in wanted:
+                if t._node.op == FAILED:
+                    raise GenieError(t._node.args[0])
             graph, inputs = build_graph(self.pending, nodes, roots, self.input_tensors)
             pos = {r: i for i, r in enumerate(roots)}
-            result = backend().run(graph, inputs, fetch=[pos[r] for r in fetch_refs],
-                                   keep=[pos[r] for r in keep_refs], constants=self._constants_of(graph))
+            try:
+                result = backend().run(graph, inputs, fetch=[pos[r] for r in fetch_refs],
+                                       keep=[pos[r] for r in keep_refs],
+                                       constants=self._constants_of(graph))
+            except Exception as e:
+                self._fail(live, nodes, e)
+                raise
             rebound = {}
             for r, handle, meta in zip(keep_refs, result.handles, result.metas, strict=True):
                 old = nodes[r.node]
@@ -142,6 +153,26 @@ class Recorder:
             metas = [result.metas[keep_refs.index(r)] for r in extra]
             extra_nodes = [rebound[r] for r in extra]
             return result.fetched, list(zip(extra_nodes, metas, strict=True))
+
+    def _fail(self, live: dict[Ref, list[weakref.ref]], nodes: dict[int, Node], e: Exception) -> None:
+        """A run failed: drop what was pending, so later runs do not repeat it, and mark the
+        tensors that depended on it so that using them says why instead of running again."""
+        why = f"this tensor was lost when the program that computed it failed: {e}"
+        for r, refs in live.items():
+            old = nodes[r.node]
+            if old.op == CONST:
+                continue  # its value is still the constant's: nothing was lost
+            nid = self.new_id()
+            failed = Node(nid, FAILED, (why,), outputs=(old.outputs[r.index] if old.outputs else
+                                                        TensorMeta((), (), torch.float32),),
+                          storages=(old.storages[r.index],))
+            for wr in refs:
+                t = wr()
+                if t is not None:
+                    t._node, t._index = failed, 0
+        self.pending.clear()
+        self._live.clear()
+        self._sources.clear()
 
     def _live_refs(self) -> dict[Ref, list[weakref.ref]]:
         live: dict[Ref, list[weakref.ref]] = {}
