@@ -159,3 +159,16 @@ async def test_execute_in_trio(remote):
     x = torch.randn(4, 16)
     (got,) = await genie.execute(graph, x)
     torch.testing.assert_close(got, torch.tanh(x @ w))
+
+
+async def test_execute_runs_the_fused_plan(remote):
+    from _models import convnet
+
+    model = convnet()
+    graph = genie.trace(model, torch.randn(1, 3, 16, 16))
+    plan = genie.schedule(graph)
+    assert any(n.op == "genie.conv2d_bn_act" for n in plan.graph.nodes)
+    x = torch.randn(1, 3, 16, 16)
+    (got,) = await genie.execute(graph, x)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
