@@ -15,7 +15,6 @@ of the kernels in Triton's interpreter, writes that to the JSON, and exits 0.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -26,32 +25,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: small ops crawl w
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _tables import _table, _write  # noqa: E402 (bench/ is on sys.path)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEVICE = "cuda"
 TARGETS = {"prefill": "attention >= 1.0x SDPA's best backend", "decode": "decode >= 1.0x SDPA"}
-
-
-def _table(title: str, rows: list[dict], columns: list[str]) -> None:
-    print(f"\n{title}")
-    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
-    print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
-    for r in rows:
-        print("  ".join(_fmt(r.get(c)).rjust(w) for c, w in zip(columns, widths, strict=True)))
-
-
-def _fmt(v: object) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-    return str(v)
-
-
-def _write(report: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {out}")
 
 
 def _environment() -> dict:
