@@ -12,14 +12,14 @@ Call tree::
 from __future__ import annotations
 
 import functools
-import threading
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from genie.graph import Graph
 from genie.semantic._cost import GraphCost, graph_cost
 from genie.semantic._fold import Folder
+from genie.semantic._lru import LRU
 from genie.semantic._patterns import Match, PatternRegistry
 from genie.semantic._phase import DECODE_MAX_QUERY, Phase, detect_phase
 from genie.semantic._workload import Features, WorkloadType, classify
@@ -77,26 +77,23 @@ class SemanticAnalyzer:
                  cache_size: int = 128) -> None:
         self.registry = registry if registry is not None else PatternRegistry.default()
         self.decode_max_query = decode_max_query
-        self._cache: OrderedDict[tuple[str, int], WorkloadProfile] = OrderedDict()
-        self._cache_size = cache_size
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
+        self._cache: LRU[tuple[str, int], WorkloadProfile] = LRU(cache_size)
+
+    @property
+    def hits(self) -> int:
+        return self._cache.hits
+
+    @property
+    def misses(self) -> int:
+        return self._cache.misses
 
     def analyze(self, graph: Graph) -> WorkloadProfile:
         key = (graph.digest, self.registry.version)
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                self.hits += 1
-                return hit
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
         profile = self._analyze(graph)
-        with self._lock:
-            self.misses += 1
-            self._cache[key] = profile
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        self._cache.put(key, profile)
         return profile
 
     def _analyze(self, graph: Graph) -> WorkloadProfile:
@@ -109,8 +106,7 @@ class SemanticAnalyzer:
                                self.registry.version)
 
     def clear_cache(self) -> None:
-        with self._lock:
-            self._cache.clear()
+        self._cache.clear()
 
 
 @functools.cache  # one shared instance; a racing first call builds a spare, harmlessly

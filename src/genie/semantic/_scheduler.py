@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,6 +26,7 @@ from genie.semantic._analyzer import WorkloadProfile, analyze
 from genie.semantic._annotate import arg
 from genie.semantic._cost import graph_cost
 from genie.semantic._fuse import FusedCall, fuse, why_not_fusable
+from genie.semantic._lru import LRU
 from genie.semantic._match import operands
 from genie.semantic._patterns import Match, _common_module
 from genie.semantic._plan import ExecutionPlan, FusionGroup, Residency, Stage, Transfer
@@ -122,11 +121,15 @@ class Scheduler:
             raise ValueError(f"key_by must be 'digest' or 'structure', got {key_by!r}")
         self.config = SchedulerConfig(fuse, max_stages, stream_min_bytes, early_output_min_bytes)
         self.fusions = dict(FUSIONS if fusions is None else fusions)
-        self._cache: OrderedDict[str, ExecutionPlan] = OrderedDict()
-        self._cache_size = cache_size
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
+        self._cache: LRU[str, ExecutionPlan] = LRU(cache_size)
+
+    @property
+    def hits(self) -> int:
+        return self._cache.hits
+
+    @property
+    def misses(self) -> int:
+        return self._cache.misses
 
     def key(self, graph: Graph, profile: WorkloadProfile) -> str:
         """The plan-cache key. ``graph.digest`` covers structure, shapes and weights."""
@@ -140,28 +143,19 @@ class Scheduler:
             raise ValueError("schedule: the profile was computed for another graph "
                              f"(digest {profile.digest[:12]}, graph {graph.digest[:12]})")
         key = self.key(graph, profile)
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                self.hits += 1
-                return hit
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
         plan = self._schedule(graph, profile, key)
-        with self._lock:
-            self.misses += 1
-            self._cache[key] = plan
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        self._cache.put(key, plan)
         return plan
 
     def cached(self, key: str) -> ExecutionPlan | None:
         """The plan cached under ``key`` (what a server looks up when a client sends only the key)."""
-        with self._lock:
-            return self._cache.get(key)
+        return self._cache.peek(key)
 
     def clear_cache(self) -> None:
-        with self._lock:
-            self._cache.clear()
+        self._cache.clear()
 
     # -- the plan ------------------------------------------------------------------------------------
     def _schedule(self, src: Graph, profile: WorkloadProfile, key: str) -> ExecutionPlan:
