@@ -7,8 +7,8 @@ Anyone may record::
         ...
     record("recv input 1", "upload", t0_ns, t1_ns, process="server")   # a span timed elsewhere
 
-Categories used by Genie: ``upload``, ``compute``, ``download``, ``wait``; ``process`` tells client
-from server spans in the trace.
+Categories used by Genie: ``upload``, ``compute``, ``download``, ``wait``, and ``run`` (one whole
+staged run, with its peak activation bytes); ``process`` tells client from server spans.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,29 @@ def record(name: str, cat: str, start_ns: int, end_ns: int, *, process: str = "c
     s = Span(name, cat, start_ns, end_ns, process, threading.get_ident() if tid is None else tid, args)
     for p in profiles:
         p.add(s)
+
+
+def record_timeline(timeline: dict, stage_names: Sequence[str], process: str, *, offset_ns: int = 0,
+                    tid: int | None = None) -> None:
+    """Spans of an executor's timeline (``Timeline.to_wire()`` plus optional ``receives``/``sends``
+    lists of ``[name, start, end]``), moved onto this process's clock by subtracting ``offset_ns``."""
+    if not _active:
+        return
+    o = offset_ns
+    for k, (a, b) in enumerate(timeline.get("stages", ())):
+        name = stage_names[k] if k < len(stage_names) else str(k)
+        record(f"stage {name}", "compute", a - o, b - o, process=process, tid=tid)
+    for pos, a, b in timeline.get("waits", ()):
+        record(f"wait input {pos}", "wait", a - o, b - o, process=process, tid=tid)
+    for i, a, b in timeline.get("outputs", ()):
+        record(f"hand over output {i}", "download", a - o, b - o, process=process, tid=tid)
+    for cat, key in (("upload", "receives"), ("download", "sends")):
+        for name, a, b in timeline.get(key, ()):
+            record(name, cat, a - o, b - o, process=process, tid=tid)
+    if timeline.get("peak_bytes", -1) >= 0 and timeline.get("stages"):
+        a, b = timeline["stages"][0][0], timeline["stages"][-1][1]
+        record("run", "run", a - o, b - o, process=process, tid=tid,
+               args={"peak_bytes": timeline["peak_bytes"], "activation_bytes": timeline["activation_bytes"]})
 
 
 @dataclass(eq=False)

@@ -2,6 +2,7 @@
 
 from genie.graph._ir import CONST, INPUT, RESIDENT, SOURCE_OPS, Graph, Node, Ref, TensorMeta, map_refs
 from genie.graph._ops import resolve_op
+from genie.graph._stages import StageSchedule
 
-__all__ = ["CONST", "INPUT", "RESIDENT", "SOURCE_OPS", "Graph", "Node", "Ref", "TensorMeta", "map_refs",
-           "resolve_op"]
+__all__ = ["CONST", "INPUT", "RESIDENT", "SOURCE_OPS", "Graph", "Node", "Ref", "StageSchedule", "TensorMeta",
+           "map_refs", "resolve_op"]

@@ -188,13 +188,17 @@ class Graph:
         """Raise TypeError unless ``inputs`` match the captured inputs' dtypes and shapes."""
         if len(inputs) != len(self.inputs):
             raise TypeError(f"graph takes {len(self.inputs)} inputs, got {len(inputs)}")
-        for pos, (nid, t) in enumerate(zip(self.inputs, inputs, strict=True)):
-            want = self.nodes[nid].outputs[0]
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"input {pos}: expected a tensor, got {type(t).__name__}")
-            if t.dtype != want.dtype or tuple(t.shape) != want.shape:
-                raise TypeError(f"input {pos}: graph was captured with {want}, got "
-                                f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}")
+        for pos, t in enumerate(inputs):
+            self.check_input(pos, t)
+
+    def check_input(self, pos: int, t: object) -> None:
+        """Raise TypeError unless ``t`` matches input ``pos``'s dtype and shape."""
+        want = self.nodes[self.inputs[pos]].outputs[0]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"input {pos}: expected a tensor, got {type(t).__name__}")
+        if t.dtype != want.dtype or tuple(t.shape) != want.shape:
+            raise TypeError(f"input {pos}: graph was captured with {want}, got "
+                            f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}")
 
     # -- identity -----------------------------------------------------------------------------
     @cached_property

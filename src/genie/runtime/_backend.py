@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from genie.graph import Graph, TensorMeta
+from genie.graph import Graph, StageSchedule, TensorMeta
 
 
 @dataclass(slots=True)
@@ -21,6 +21,8 @@ class RunResult:
     fetched: list[torch.Tensor]  # CPU copies of the outputs asked for by ``fetch``
     handles: list[int]  # executor handles of the outputs asked for by ``keep``
     metas: list[TensorMeta]  # their metadata (data-dependent shapes are learnt here)
+    timeline: dict | None = None  # a staged, traced run: the executor's timeline, on this clock
+    arrived: dict[int, int] = field(default_factory=dict)  # fetch position -> perf_counter_ns here
 
 
 @dataclass
@@ -41,13 +43,18 @@ class Stats:
 
 
 class Backend(Protocol):
+    """``stages``: run stage by stage (outputs come back as their stage ends); ``stream``: input
+    positions to send after the run, in that order; ``trace``: return the executor's timeline."""
+
     stats: Stats
 
     def run(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int],
             keep: Sequence[int], constants: dict[str, torch.Tensor]) -> RunResult: ...
 
     async def run_async(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int],
-                        keep: Sequence[int], constants: dict[str, torch.Tensor]) -> RunResult: ...
+                        keep: Sequence[int], constants: dict[str, torch.Tensor],
+                        stages: StageSchedule | None = None, stream: Sequence[int] = (),
+                        trace: bool = False) -> RunResult: ...
 
     def free(self, handle: int) -> None: ...
 

@@ -4,7 +4,8 @@ The only place on the client that sees a socket. Call tree::
 
     await Connection.open(host, port, token, stats)   connect; hello -> welcome (or refusal)
     await nursery.start(conn.run)                     then, as tasks of the owner's loop:
-      read_loop()      frames -> the waiter of their id (recv_into for bulk payloads)
+      read_loop()      frames -> the waiter of their id (recv_into for bulk payloads); a ``part``
+                     (an output sent as its stage ended) is kept on the waiter until the result
       write_loop()     posted messages -> socket, in post order
       free_loop()      frees not carried by a run go out on their own after FREE_DELAY
       watchdog()       ping a quiet server; after DEAD_AFTER of silence it is lost
@@ -22,6 +23,7 @@ import itertools
 import math
 import os
 import socket
+import time
 from collections.abc import Callable
 
 import torch
@@ -37,6 +39,8 @@ from genie._errors import (
     RemoteProtocolError,
     UnsupportedOpError,
 )
+from genie._profile import active as profiling
+from genie._profile import record
 from genie.runtime._backend import Stats
 from genie.transport import CLIENT, CLOSED, NEED_DATA, VERSION, BufferPool, Message, Protocol
 
@@ -48,14 +52,21 @@ PING_AFTER = float(os.environ.get("GENIE_PING_AFTER", "5"))
 DEAD_AFTER = float(os.environ.get("GENIE_DEAD_AFTER", "30"))
 BUFFERS = BufferPool()  # reply payloads, reused once their tensors are gone (one pool per process)
 _GONE = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+_UPLOADS: dict[str, Callable[[Message], str]] = {  # span names of what a profile sees go out
+    "input": lambda m: f"upload input {m['input']}",
+    "run": lambda m: f"send run {m['id']}",
+    "upload": lambda m: f"upload {len(m['digests'])} constants",
+}
 
 
 class MissingOnServerError(GenieError):
     """The server lacks constants a run named (evicted since): the client uploads and retries."""
 
-    def __init__(self, digests: list[str]) -> None:
+    def __init__(self, digests: list[str], plan: str | None = None) -> None:
         self.digests = digests
-        super().__init__(f"server lacks {len(digests)} constant(s)")
+        self.plan = plan  # a stage schedule's plan key the server no longer holds
+        also = " and a stage schedule" if plan else ""
+        super().__init__(f"server lacks {len(digests)} constant(s){also}")
 
 
 def remote_error(msg: Message) -> Exception:
@@ -68,14 +79,16 @@ def remote_error(msg: Message) -> Exception:
     if kind == "memory":
         return RemoteMemoryError(text)
     if kind == "missing":
-        return MissingOnServerError([d for d in msg.get("missing", []) if isinstance(d, str)])
+        plan = msg.get("plan")
+        return MissingOnServerError([d for d in msg.get("missing", []) if isinstance(d, str)],
+                                    plan if isinstance(plan, str) else None)
     if kind == "auth":
         return AuthenticationError(f"the genie server refused the connection: {text}")
     return RemoteProtocolError(f"the genie server reports a protocol error: {text}")
 
 
 class Waiter:
-    __slots__ = ("event", "reply", "error", "orphan", "abandoned")
+    __slots__ = ("event", "reply", "error", "orphan", "abandoned", "parts")
 
     def __init__(self, orphan: Callable[[Message], None] | None) -> None:
         self.event = trio.Event()
@@ -83,12 +96,14 @@ class Waiter:
         self.error: BaseException | None = None
         self.orphan = orphan
         self.abandoned = False
+        self.parts: dict[int, Message] = {}  # fetch position -> its ``part``, before the result
 
 
 class Connection:
     def __init__(self, sock: trio.socket.SocketType, proto: Protocol, welcome: Message, stats: Stats,
-                 address: str) -> None:
+                 address: str, clock_offset: int = 0) -> None:
         self.sock = sock
+        self.clock_offset = clock_offset  # server perf_counter_ns minus ours (estimated at hello)
         self.proto = proto
         self.device = welcome["device"]
         self.max_frame = welcome["max_frame"]
@@ -115,8 +130,10 @@ class Connection:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             await sock.connect((host, port))
             proto = Protocol(CLIENT, allocate=BUFFERS.allocate)
+            asked = time.perf_counter_ns()
             await _send(sock, proto.send(Message("hello", {"version": VERSION, "token": token or ""})))
             reply = await _receive(sock, proto, None)
+            answered = time.perf_counter_ns()
         except _GONE as e:
             sock.close()
             raise ConnectionLostError(f"cannot reach the genie server at {address}: {e}") from e
@@ -131,7 +148,9 @@ class Connection:
         stats.bytes_sent += proto.bytes_sent
         stats.bytes_received += proto.bytes_received
         stats.round_trips += 1
-        return cls(sock, proto, reply, stats, address)
+        clock = reply.get("clock")  # the server's clock at welcome: roughly mid-way through the hello
+        offset = clock - (asked + answered) // 2 if type(clock) is int else 0
+        return cls(sock, proto, reply, stats, address, offset)
 
     # -- running --------------------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -233,6 +252,16 @@ class Connection:
                 raise ConnectionLostError(f"the genie server at {self.address} closed the connection")
             self.stats.bytes_received += msg.nbytes
             req_id = msg.get("id", 0)
+            if profiling() and msg.kind in ("result", "part") and msg.buffers:
+                what = f"output {msg['output']}" if msg.kind == "part" else f"result {req_id}"
+                record(f"download {what}", "download", msg.started_ns, msg.received_ns)
+            if msg.kind == "part":  # an early output: the run's result comes later
+                w = self._waiters.get(req_id)
+                if len(msg.buffers) != 1 or not isinstance(msg.buffers[0], torch.Tensor):
+                    raise RemoteProtocolError("a part message must carry one tensor")
+                if w is not None and not w.abandoned:
+                    w.parts[msg["output"]] = msg
+                continue
             if msg.kind == "error" and req_id == 0:
                 raise remote_error(msg) if msg["kind"] == "protocol" else \
                     ConnectionLostError(f"the genie server closed the connection: {msg['message']}")
@@ -257,8 +286,11 @@ class Connection:
                     waiter.event.set()
                 continue
             # sending counts as life (a slow link's long upload), but not our own pings
+            t0 = time.perf_counter_ns()
             await _send(self.sock, parts, None if msg.kind == "ping" else self._touch, on_sent)
             self.stats.bytes_sent += msg.nbytes
+            if msg.buffers and msg.kind in _UPLOADS and profiling():
+                record(_UPLOADS[msg.kind](msg), "upload", t0, time.perf_counter_ns())
 
     async def free_loop(self) -> None:
         while True:
@@ -314,16 +346,20 @@ async def _send_all(sock: trio.socket.SocketType, mv: memoryview, touch, on_sent
 async def _receive(sock: trio.socket.SocketType, proto: Protocol,
                    touch: Callable[[], None] | None) -> Message | None:
     """The next message, or None when the server closed cleanly between frames."""
+    started = 0
     while True:
         ev = proto.next_event()
         if ev is CLOSED:
             return None
         if ev is not NEED_DATA:
+            ev.received_ns = time.perf_counter_ns()  # type: ignore[union-attr]
+            ev.started_ns = started or ev.received_ns  # type: ignore[union-attr]
             return ev  # type: ignore[return-value]
         buf = proto.receive_buffer()
         if buf is not None:
             proto.received_into(await sock.recv_into(buf))
         else:
             proto.receive_data(await sock.recv(RECV_SIZE))
+        started = started or time.perf_counter_ns()
         if touch is not None:
             touch()

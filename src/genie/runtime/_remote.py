@@ -7,10 +7,13 @@ Call tree::
       _run(...)                                        in the bridge loop
         _connect()           first use, or after a loss: a new connection and a new _Session
         _ensure_constants()  has -> upload what the server lacks (a progress bar past 64 MiB)
-        _post_run()          plan: the whole graph, or a template slot plus corrections; inputs;
-                             constants the server may lack, inline when tiny
-        wait                 -> RunResult; server errors raise their Genie exception; constants
-                             evicted meanwhile -> upload again and retry
+        _post_run()          plan: the whole graph, or a template slot plus corrections; its stage
+                             schedule (whole the first time on a connection, then its plan key);
+                             inputs; constants the server may lack, inline when tiny; then each
+                             streamed input in its own ``input`` frame
+        wait                 -> RunResult (early ``part`` outputs in place, the server's timeline
+                             on this clock); server errors raise their Genie exception; constants
+                             or a schedule evicted meanwhile -> send again and retry
     free(handle)             any thread (finalizers): batched by the connection
 
 Residency (``GENIE_RESIDENCY``, default 1): constants are uploaded by content digest only when the
@@ -44,7 +47,7 @@ import torch
 import trio
 
 from genie._errors import ConnectionLostError, GenieError, RemoteMemoryError, RemoteProtocolError
-from genie.graph import CONST, RESIDENT, Graph
+from genie.graph import CONST, RESIDENT, Graph, StageSchedule
 from genie.graph._template import corrections, predict, split
 from genie.graph._wire import decode_meta
 from genie.runtime import _backend
@@ -86,6 +89,7 @@ class _Session:
     uploading: dict[str, trio.Event] = field(default_factory=dict)
     slots: OrderedDict[str, _Slot] = field(default_factory=OrderedDict)  # template digest -> slot
     refused: set[str] = field(default_factory=set)  # templates the server would not register
+    plans: set[str] = field(default_factory=set)  # plan keys whose stage schedule the server was sent
     handles: set[int] = field(default_factory=set)  # live values this connection made
 
     def slot_number(self) -> int:
@@ -123,7 +127,7 @@ class RemoteBackend:
             residency = os.environ.get("GENIE_RESIDENCY", "1").strip().lower() not in ("0", "false", "no")
         self.residency = residency
         self.stats = Stats()
-        self.stats.extra.update(upload_bytes=0, connections=0)
+        self.stats.extra.update(upload_bytes=0, connections=0, streamed_inputs=0, early_outputs=0)
         self._embedded = EmbeddedServer() if address is None else None
         self._bridge: Bridge | None = None
         self._pid = os.getpid()
@@ -139,9 +143,11 @@ class RemoteBackend:
         return self.bridge().call(self._run, graph, list(inputs), list(fetch), list(keep), constants)
 
     async def run_async(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int],
-                        keep: Sequence[int], constants: dict[str, torch.Tensor]) -> RunResult:
+                        keep: Sequence[int], constants: dict[str, torch.Tensor],
+                        stages: StageSchedule | None = None, stream: Sequence[int] = (),
+                        trace: bool = False) -> RunResult:
         return await self.bridge().call_async(self._run, graph, list(inputs), list(fetch), list(keep),
-                                              constants)
+                                              constants, stages, list(stream), trace)
 
     def free(self, handle: int) -> None:
         bridge = self._bridge
@@ -234,7 +240,8 @@ class RemoteBackend:
         return nursery
 
     async def _run(self, graph: Graph, inputs: list[torch.Tensor], fetch: list[int], keep: list[int],
-                   constants: dict[str, torch.Tensor]) -> RunResult:
+                   constants: dict[str, torch.Tensor], stages: StageSchedule | None = None,
+                   stream: list[int] | None = None, trace: bool = False) -> RunResult:
         sess = await self._connect()
         for n in graph.nodes:
             if n.op == RESIDENT and n.args[0] not in sess.handles:
@@ -251,11 +258,12 @@ class RemoteBackend:
         for _ in range(RETRIES):
             if self.residency:
                 await self._ensure_constants(sess, data)
-            waiter = self._post_run(sess, graph, inputs, fetch, keep, data)
+            waiter = self._post_run(sess, graph, inputs, fetch, keep, data, stages, stream or [], trace)
             try:
                 reply = await sess.conn.wait(waiter)
             except MissingOnServerError as e:  # evicted under the server's memory limit meanwhile
                 sess.known.difference_update(e.digests)
+                sess.plans.discard(e.plan or "")
                 continue
             break
         else:
@@ -264,11 +272,20 @@ class RemoteBackend:
         if reply.get("slot_refused"):
             self._refuse_template(sess, graph)
         handles, metas = reply["handles"], reply["metas"]
-        if len(handles) != len(keep) or len(metas) != len(keep) or len(reply.buffers) != len(fetch):
+        early = reply.get("early", [])
+        if (len(handles) != len(keep) or len(metas) != len(keep)
+                or len(reply.buffers) != len(fetch) - len(early) or set(early) != set(waiter.parts)):
             raise RemoteProtocolError("run result does not match what was asked")
         sess.handles.update(handles)
         self.stats.runs += 1
-        return RunResult(list(reply.buffers), list(handles), [decode_meta(m) for m in metas])
+        self.stats.extra["early_outputs"] += len(early)
+        rest = iter(reply.buffers)
+        fetched = [waiter.parts[p].buffers[0] if p in waiter.parts else next(rest) for p in range(len(fetch))]
+        arrived = {p: m.received_ns for p, m in waiter.parts.items()}
+        timeline = reply.get("timeline")
+        if isinstance(timeline, dict):
+            timeline = _on_our_clock(timeline, sess.conn.clock_offset)
+        return RunResult(fetched, list(handles), [decode_meta(m) for m in metas], timeline, arrived)
 
     async def _ensure_constants(self, sess: _Session, data: dict[str, torch.Tensor]) -> None:
         """Make sure the server holds every big constant: ask which it lacks, upload those."""
@@ -325,18 +342,39 @@ class RemoteBackend:
                 bar.close()
 
     def _post_run(self, sess: _Session, graph: Graph, inputs: list[torch.Tensor], fetch: list[int],
-                  keep: list[int], data: dict[str, torch.Tensor]):
-        """Build and queue the run message. No checkpoint in here: slot state must follow post order."""
+                  keep: list[int], data: dict[str, torch.Tensor], stages: StageSchedule | None,
+                  stream: list[int], trace: bool):
+        """Build and queue the run message, then its streamed inputs. No checkpoint in here: slot
+        state must follow post order, and the inputs must follow their run."""
         inline = [d for d in data if not self.residency or d not in sess.known]
         sess.known.update(inline)
         self.stats.uploads += len(inline)
         self.stats.uploads_skipped += len(data) - len(inline)
         self.stats.extra["upload_bytes"] += sum(_nbytes(data[d]) for d in inline)
         fields, plan = self._plan(sess, graph)
-        fields.update(inputs=len(inputs), consts=inline, fetch=fetch, keep=keep)
-        buffers = [*plan, *(_wire_tensor(t) for t in inputs), *(_wire_tensor(data[d]) for d in inline)]
+        streamed = set(stream)
+        if len(streamed) != len(stream) or not streamed <= set(range(len(inputs))):
+            raise ValueError(f"stream must name distinct input positions, got {stream}")
+        if stages is not None:
+            known = self.residency and stages.key in sess.plans
+            fields["stages"] = stages.key if known else stages.to_wire()
+            sess.plans.add(stages.key)
+            if stream:
+                fields["stream"] = stream
+            if trace:
+                fields["trace"] = True
+        elif stream:
+            raise ValueError("streamed inputs need a stage schedule")
+        given = [t for p, t in enumerate(inputs) if p not in streamed]
+        fields.update(inputs=len(given), consts=inline, fetch=fetch, keep=keep)
+        buffers = [*plan, *(_wire_tensor(t) for t in given), *(_wire_tensor(data[d]) for d in inline)]
         orphan = lambda reply: sess.conn.free_later(list(reply["handles"]))  # a cancelled run's values
-        return sess.conn.post(Message("run", fields, buffers), orphan=orphan)
+        waiter = sess.conn.post(Message("run", fields, buffers), orphan=orphan)
+        for p in stream:
+            sess.conn.post(Message("input", {"id": fields["id"], "input": p}, [_wire_tensor(inputs[p])]),
+                           reply=False)
+        self.stats.extra["streamed_inputs"] += len(stream)
+        return waiter
 
     def _plan(self, sess: _Session, graph: Graph) -> tuple[dict, list]:
         whole = lambda: [graph.to_bytes(with_constants=False)]
@@ -363,6 +401,19 @@ class RemoteBackend:
         if parts is not None:
             sess.slots.pop(parts.digest, None)
             sess.refused.add(parts.digest)
+
+
+def _on_our_clock(timeline: dict, offset: int) -> dict:
+    """The server's timeline with its perf_counter_ns times moved onto this process's clock."""
+    def shift(rows: object, first: int) -> list:  # rows of [key..., time, time]: times from ``first``
+        if not isinstance(rows, list):
+            return []
+        return [[*r[:first], *(t - offset for t in r[first:])] for r in rows
+                if isinstance(r, list) and all(type(t) is int for t in r[first:])]
+
+    return {**timeline, "stages": shift(timeline.get("stages"), 0), "waits": shift(timeline.get("waits"), 1),
+            "outputs": shift(timeline.get("outputs"), 1), "receives": shift(timeline.get("receives"), 1),
+            "sends": shift(timeline.get("sends"), 1)}
 
 
 def _progress_bar(total: int):

@@ -67,7 +67,8 @@ def format_plan(plan: ExecutionPlan) -> str:
                                                                       if keeps else [])))
     inputs = [t for t in plan.uploads if not t.pinned]
     lines.append("  uploads, in first-use order: " + (", ".join(
-        f"{t.what} ({nbytes(t.nbytes)}) -> stage {t.stage}" for t in inputs) or "none")
+        f"{t.what} ({nbytes(t.nbytes)}{', streamed' if t.key in plan.stream else ''}) -> stage {t.stage}"
+        for t in inputs) or "none")
         + f"; weights: {sum(t.pinned for t in plan.uploads)} pinned, {nbytes(plan.weight_bytes)}")
     lines.append("  downloads, as they become ready: " + (", ".join(
         f"{t.what} ({nbytes(t.nbytes)}) after stage {t.stage}" for t in plan.downloads) or "none"))

@@ -11,7 +11,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from genie.graph import Graph, Ref
+from genie.graph import SOURCE_OPS, Graph, Ref, StageSchedule
 from genie.semantic._phase import Phase
 from genie.semantic._workload import WorkloadType
 
@@ -92,10 +92,21 @@ class ExecutionPlan:
     peak_bytes: int  # activations alive at once, at most (static estimate)
     activation_bytes: int  # all activations added up: what running without frees would hold
     weight_bytes: int
+    stream: tuple[int, ...] = ()  # input positions sent in their own frames after the run, in order
 
     def fused_graph(self) -> Graph:
         """The graph to run: each fusion group is one ``genie.*`` node (same as ``plan.graph``)."""
         return self.graph
+
+    def stage_schedule(self) -> StageSchedule:
+        """What an executor needs to run ``plan.graph`` in these stages (sent with a run)."""
+        nodes = self.graph.nodes
+        starts = [next((n for n in s.nodes if nodes[n].op not in SOURCE_OPS), None) for s in self.stages]
+        ready = [0] * len(self.graph.outputs)
+        for s in self.stages:
+            for i in s.ready_outputs:
+                ready[i] = s.index
+        return StageSchedule(self.key, tuple(n for n in starts if n is not None), tuple(ready))
 
     def output_stage(self, index: int) -> int:
         """The stage after which ``graph.outputs[index]`` is final and may be sent back."""
@@ -124,6 +135,7 @@ class ExecutionPlan:
                           for t in self.downloads],
             "residency": {str(k): v.name.lower() for k, v in self.residency.items()},
             "peak_bytes": self.peak_bytes, "activation_bytes": self.activation_bytes,
+            "stream": list(self.stream),
         }
 
     def __str__(self) -> str:

@@ -174,9 +174,12 @@ class Scheduler:
         uploads, downloads = _transfers(g, stages, stage_of, out_ready, residency)
         peak, total = _liveness(g, residency)
         weight_bytes = sum(t.nbytes for t in uploads if t.pinned)
+        # large inputs follow the run in their own frames, first use first: early stages start
+        # computing while they are still arriving
+        stream = tuple(t.key for t in uploads if not t.pinned and t.nbytes >= cfg.stream_min_bytes)
         return ExecutionPlan(key, src.digest, g, tuple(node_map), profile.workload, profile.phase,
                              tuple(stages), groups, tuple(unfused), residency, uploads, downloads,
-                             tuple(stage_of), last_use, peak, total, weight_bytes)
+                             tuple(stage_of), last_use, peak, total, weight_bytes, stream)
 
 
 @functools.cache  # one shared instance; a racing first call builds a spare, harmlessly

@@ -4,13 +4,17 @@ Call tree::
 
     Connection(server, sock).serve()
       handshake()                       hello -> token check -> welcome (or error + close)
-      receive_loop()                    frames -> work queue, in order; ping answered at once
+      receive_loop()                    frames -> work queue, in order; ping answered at once;
+                                        a run's streamed ``input`` frames go straight to its Inbound
       work_loop()                       one message at a time, in the order received:
         HANDLERS[kind](msg)               has, upload, run, fetch, free, stats
           run: plan (graph | slot) -> Graph; inline constants (digest checked); then, in a
                worker thread: stage inputs, compute, keep; results go to the send task
+          run with stages: StagedInterpreter; a streamed input is waited for (the compute slot
+               lent meanwhile) when its first reader's stage starts; each fetched output final
+               before the end goes to the send task as a ``part`` when its stage ends
       send_loop()                       replies -> bytes -> socket
-      finally: residents freed
+      finally: residents freed; a run still waiting for streamed inputs is failed
 
 Work is ordered per connection (a free queued after a run must not overtake it) but runs in worker
 threads, so a long compute never stops the event loop from serving other connections. A frame that
@@ -30,7 +34,7 @@ import sys
 import time
 import traceback
 from collections import ChainMap
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -46,11 +50,13 @@ from genie._errors import (
     RemoteProtocolError,
     UnsupportedOpError,
 )
-from genie.graph import CONST, RESIDENT, SOURCE_OPS, Graph, Node, TensorMeta
+from genie.graph import CONST, RESIDENT, SOURCE_OPS, Graph, Node, StageSchedule, TensorMeta
 from genie.graph._template import Template, apply, predict, split
 from genie.graph._wire import encode_meta
+from genie.server._inbound import Inbound
 from genie.server._interpreter import Interpreter
-from genie.server._residency import MissingConstantsError, Residents, content_digest
+from genie.server._residency import MissingConstantsError, MissingPlanError, Residents, content_digest
+from genie.server._staged import StagedInterpreter
 from genie.transport import CLOSED, NEED_DATA, SERVER, VERSION, Message, Protocol
 
 if TYPE_CHECKING:
@@ -77,6 +83,7 @@ class Slot:
 # (exception type, error kind): the first match names the kind of an ``error`` reply.
 ERROR_KINDS: tuple[tuple[type[BaseException], str], ...] = (
     (MissingConstantsError, "missing"),
+    (MissingPlanError, "missing"),
     (RemoteMemoryError, "memory"),
     (torch.OutOfMemoryError, "memory"),
     (UnsupportedOpError, "unsupported"),
@@ -94,6 +101,8 @@ def error_message(req_id: int, exc: BaseException) -> Message:
         fields["op"] = exc.op
     elif isinstance(exc, MissingConstantsError):
         fields["missing"] = exc.digests
+    elif isinstance(exc, MissingPlanError):
+        fields.update(missing=[], plan=exc.key)
     elif kind in ("execution", "memory"):
         fields["message"] = f"{type(exc).__name__}: {exc}"
         fields["traceback"] = "".join(traceback.format_exception(exc))
@@ -123,17 +132,21 @@ async def _send_all(sock: trio.socket.SocketType, mv: memoryview) -> None:
 
 async def receive_message(sock: trio.socket.SocketType, proto: Protocol) -> Message | None:
     """The next message, or None when the peer closed cleanly; bulk payloads land by recv_into."""
+    started = 0
     while True:
         ev = proto.next_event()
         if ev is CLOSED:
             return None
         if ev is not NEED_DATA:
+            ev.received_ns = time.perf_counter_ns()  # type: ignore[union-attr]
+            ev.started_ns = started or ev.received_ns  # type: ignore[union-attr]
             return ev  # type: ignore[return-value]
         buf = proto.receive_buffer()
         if buf is not None:
             proto.received_into(await sock.recv_into(buf))
         else:
             proto.receive_data(await sock.recv(RECV_SIZE))
+        started = started or time.perf_counter_ns()
 
 
 class Connection:
@@ -149,6 +162,8 @@ class Connection:
         self.work_scope = trio.CancelScope()
         self._in_flight = 0  # result messages queued or being written
         self._sent = trio.Event()  # set (and replaced) each time that count drops to zero
+        self.inbound: dict[int, Inbound] = {}  # run id -> its streamed inputs
+        self._send_logs: dict[int, list] = {}  # traced run id -> [name, start, end] of its parts' sends
         self.greeted = False
         self.closing = False
 
@@ -189,6 +204,7 @@ class Connection:
         self.closing = True
         self.log(f"closing: {exc}")
         self.work_scope.cancel()
+        self._abort_inbound(exc)
         with contextlib.suppress(trio.ClosedResourceError):
             self.outbox.send_nowait(error_message(req_id, exc))
             self.outbox.close()
@@ -214,7 +230,7 @@ class Connection:
             reply = Message("error", {"id": 0, "kind": "auth", "message": "bad token"})
         else:
             reply = Message("welcome", {"version": VERSION, "device": str(self.server.device),
-                                        "max_frame": self.server.max_frame})
+                                        "max_frame": self.server.max_frame, "clock": time.perf_counter_ns()})
         await send_parts(self.sock, self.proto.send(reply))
         if reply.kind == "error":
             self.log(reply["message"])
@@ -225,23 +241,61 @@ class Connection:
 
     # -- the three tasks ------------------------------------------------------------------------
     async def receive_loop(self) -> None:
-        while not self.closing:
-            msg = await receive_message(self.sock, self.proto)
-            if msg is None:
-                return  # the client closed: nobody is left to answer
-            if msg.kind == "ping":
-                self.outbox.send_nowait(Message("pong", {"id": msg["id"]}))
-            else:
-                await self.work.send(msg)
-        await trio.sleep_forever()  # fatal(): the send task finishes the conversation
+        try:
+            while not self.closing:
+                msg = await receive_message(self.sock, self.proto)
+                if msg is None:
+                    return  # the client closed: nobody is left to answer
+                if msg.kind == "ping":
+                    self.outbox.send_nowait(Message("pong", {"id": msg["id"]}))
+                elif msg.kind == "input":
+                    await self._on_input(msg)
+                else:
+                    if msg.kind == "run" and "stream" in msg.fields:
+                        self._expect_inputs(msg)
+                    await self.work.send(msg)
+            await trio.sleep_forever()  # fatal(): the send task finishes the conversation
+        finally:  # no more frames: a run waiting for a streamed input must not wait forever
+            self._abort_inbound(GenieError("the connection ended before this run's streamed inputs "
+                                           "arrived"))
+
+    def _expect_inputs(self, msg: Message) -> None:
+        req_id = msg["id"]
+        if req_id in self.inbound:
+            raise RemoteProtocolError(f"run {req_id}: a run with this id is still receiving inputs")
+        self.inbound[req_id] = Inbound(_ints(msg["stream"], "stream"))
+
+    async def _on_input(self, msg: Message) -> None:
+        inbound = self.inbound.get(msg["id"])
+        if inbound is None:
+            raise RemoteProtocolError(f"input frame for run {msg['id']}, which streams no inputs")
+        (t,) = _tensors(msg.buffers, 1, "input")
+        if self.server.device.cuda:  # onto the device on the copy stream, beside running stages
+            (t,) = await trio.to_thread.run_sync(self.server.device.stage, [t])
+        inbound.arrive(msg["input"], t, msg.started_ns, msg.received_ns)
+        self._settle(msg["id"])
+
+    def _settle(self, req_id: int) -> None:
+        inbound = self.inbound.get(req_id)
+        if inbound is not None and inbound.run_done and inbound.complete:
+            del self.inbound[req_id]
+
+    def _abort_inbound(self, exc: BaseException) -> None:
+        for inbound in self.inbound.values():
+            inbound.abort(exc)
 
     async def send_loop(self) -> None:
         stats = self.server.stats
         async for msg in self._outbox_recv:
-            t0 = time.perf_counter()
+            if msg.kind in ("result", "error"):
+                self._send_logs.pop(msg["id"], None)  # a traced result's timeline holds the list
+            t0 = time.perf_counter_ns()
             await send_parts(self.sock, self.proto.send(msg))
-            stats["send_seconds"] += time.perf_counter() - t0
-            if msg.kind == "result" and msg.buffers:
+            t1 = time.perf_counter_ns()
+            stats["send_seconds"] += (t1 - t0) / 1e9
+            if msg.kind == "part" and msg["id"] in self._send_logs:
+                self._send_logs[msg["id"]].append([f"send output {msg['output']}", t0, t1])
+            if msg.kind in ("result", "part") and msg.buffers:
                 self._in_flight -= 1
                 if not self._in_flight:
                     self._sent.set()
@@ -307,19 +361,38 @@ class Connection:
         return Message("result", {"id": msg["id"], "handles": [], "metas": []}, host)
 
     async def on_run(self, msg: Message) -> Message:
+        inbound = self.inbound.get(msg["id"]) if "stream" in msg.fields else None
+        try:
+            return await self._run(msg, inbound)
+        finally:
+            if inbound is not None:
+                inbound.run_done = True
+                self._settle(msg["id"])
+
+    async def _run(self, msg: Message, inbound: Inbound | None) -> Message:
         server = self.server
         if "frees" in msg.fields:
             self.residents.free(_ints(msg["frees"], "frees"))
         t0 = time.perf_counter()
         graph, n_plan = self._plan(msg)
+        schedule = self._schedule(msg, graph)
         server.stats["plan_seconds"] += time.perf_counter() - t0
+        if inbound is not None and schedule is None:
+            raise RemoteProtocolError("run message: streamed inputs need a stage schedule")
         n_in = msg["inputs"]
         digests = _strings(msg["consts"], "consts")
         bufs = msg.buffers[n_plan:]
         if len(bufs) != n_in + len(digests):
             raise RemoteProtocolError(f"run message: {len(bufs)} buffers for {n_in} inputs and "
                                       f"{len(digests)} constants")
-        inputs = _tensors(bufs[:n_in], n_in, "run")
+        inputs: list[torch.Tensor | None] = list(_tensors(bufs[:n_in], n_in, "run"))
+        if inbound is not None:  # streamed positions are holes, filled as their frames land
+            total = n_in + len(inbound.positions)
+            if any(p >= total for p in inbound.positions):
+                raise RemoteProtocolError(f"run message: streamed input position out of range ({total} "
+                                          "inputs)")
+            given = iter(inputs)
+            inputs = [None if p in inbound.positions else next(given) for p in range(total)]
         await self._store_constants(digests, _tensors(bufs[n_in:], len(digests), "run"))
         fetch, keep = _ints(msg["fetch"], "fetch"), _ints(msg["keep"], "keep")
         if any(not 0 <= i < len(graph.outputs) for i in (*fetch, *keep)):
@@ -337,43 +410,118 @@ class Connection:
         # on CUDA, staging and copying back run beside other connections' compute (copy stream);
         # on the CPU both are free, so one worker thread does the whole run
         if device.cuda:
-            inputs = await trio.to_thread.run_sync(device.stage, inputs)
-        if not device.cuda and all(n.op in SOURCE_OPS for n in graph.nodes):
+            staged = iter(await trio.to_thread.run_sync(device.stage, [t for t in inputs if t is not None]))
+            inputs = [None if t is None else next(staged) for t in inputs]
+        job = _Job(msg["id"], graph, inputs, consts, fetch, keep, written, schedule, inbound,
+                   bool(msg.get("trace")) and schedule is not None)
+        if job.trace:
+            self._send_logs[job.id] = []
+        if not device.cuda and schedule is None and all(n.op in SOURCE_OPS for n in graph.nodes):
             # nothing to compute (``.cpu()`` of a kept value, an echo): no worker thread needed
-            handles, metas, fetched = self._execute(graph, inputs, consts, fetch, keep, written)
+            out = self._execute(job, None)
         else:
-            async with server.compute_limiter:
-                handles, metas, fetched = await trio.to_thread.run_sync(
-                    self._execute, graph, inputs, consts, fetch, keep, written)
+            lender = _Lender(server.compute_limiter)
+            await server.compute_limiter.acquire_on_behalf_of(lender)
+            lender.held = True
+            try:
+                out = await trio.to_thread.run_sync(self._execute, job, lender)
+            finally:
+                if lender.held:
+                    server.compute_limiter.release_on_behalf_of(lender)
+        handles, metas, fetched, early, timeline = out
         if device.cuda:
             fetched = await trio.to_thread.run_sync(device.to_host, fetched)
         server.stats["runs"] += 1
-        return Message("result", {"id": msg["id"], "handles": handles, "metas": metas}, fetched)
+        fields = {"id": msg["id"], "handles": handles, "metas": metas}
+        if early:
+            fields["early"] = early
+        if timeline is not None:
+            fields["timeline"] = timeline
+        return Message("result", fields, fetched)
 
-    def _execute(self, graph: Graph, inputs: list[torch.Tensor], consts: list[str], fetch: list[int],
-                 keep: list[int], written: list[str]) -> tuple[list[int], list, list[torch.Tensor]]:
-        """Run; keep what is kept; return handles, their metas and the values to fetch."""
+    def _schedule(self, msg: Message, graph: Graph) -> StageSchedule | None:
+        """The run's stage schedule: sent whole (and cached under its plan key), or named by key."""
+        stages = msg.get("stages")
+        if stages is None:
+            return None
+        if isinstance(stages, str):
+            schedule = self.server.plans.get(stages)
+            if schedule is None:
+                raise MissingPlanError(stages)
+        else:
+            schedule = StageSchedule.from_wire(stages)
+        schedule.check(graph)  # a cached schedule is checked too: another client may have sent it
+        self.server.plans[schedule.key] = schedule
+        return schedule
+
+    def _execute(self, job: _Job, lender: _Lender | None) -> tuple:
+        """Run; keep what is kept; return handles, their metas, the values still to send, the fetch
+        positions already sent as parts, and the timeline (if traced)."""
         t0 = time.perf_counter()
-        values = self._compute(graph, inputs, consts, written)
+        interp, early = self._interpreter(job, lender)
+        values = self._compute(job, interp)
         self.server.stats["compute_seconds"] += time.perf_counter() - t0
-        handles = self.residents.keep([values[i] for i in keep])
-        metas = [encode_meta(TensorMeta.of(values[i])) for i in keep]
-        return handles, metas, [values[i] for i in fetch]
+        handles = self.residents.keep([values[i] for i in job.keep])
+        metas = [encode_meta(TensorMeta.of(values[i])) for i in job.keep]
+        fetched = [values[i] for p, i in enumerate(job.fetch) if p not in early]
+        timeline = None
+        if job.trace and isinstance(interp, StagedInterpreter):
+            received = job.inbound.received if job.inbound is not None else []
+            timeline = {**interp.timeline.to_wire(), "receives": received,
+                        "sends": self._send_logs.get(job.id, [])}
+        return handles, metas, fetched, early, timeline
 
-    def _compute(self, graph: Graph, inputs: list[torch.Tensor], consts: list[str],
-                 written: list[str]) -> list[torch.Tensor]:
+    def _interpreter(self, job: _Job, lender: _Lender | None) -> tuple[Interpreter, list[int]]:
+        """The interpreter for ``job`` (a staged one when it has a schedule) and the list that the
+        fetch positions it sends early as parts are added to."""
+        server, graph = self.server, job.graph
+        early: list[int] = []
+        if job.schedule is None:
+            return Interpreter(graph, device=server.device.device, constants=server.pool,
+                               residents=self.residents), early
+        inbound = job.inbound
+        fetch_pos: dict[int, list[int]] = {}  # outputs final before the last stage: sent as parts
+        last = job.schedule.n_stages - 1
+        for p, i in enumerate(job.fetch):
+            if job.schedule.ready[i] < last:
+                fetch_pos.setdefault(i, []).append(p)
+        def get_input(pos: int) -> torch.Tensor:
+            t = job.inputs[pos]
+            if t is None:
+                assert inbound is not None
+                t = inbound.wait(pos, lender.lend if lender is not None else None)
+                try:
+                    graph.check_input(pos, t)
+                except TypeError as e:
+                    raise RemoteExecutionError(str(e), op="genie.input") from e
+            return t
+
+        def on_output(i: int, value: torch.Tensor) -> None:
+            (host,) = server.device.to_host([value])
+            for p in fetch_pos[i]:
+                trio.from_thread.run_sync(self._queue_part, job.id, p, host)
+                early.append(p)
+
+        interp = StagedInterpreter(graph, job.schedule, device=server.device.device, constants=server.pool,
+                                   residents=self.residents, get_input=get_input, on_output=on_output,
+                                   early=fetch_pos, meter=job.trace)
+        return interp, early
+
+    def _queue_part(self, req_id: int, pos: int, host: torch.Tensor) -> None:
+        if not self.closing:
+            self._in_flight += 1
+            self.outbox.send_nowait(Message("part", {"id": req_id, "output": pos}, [host]))
+
+    def _compute(self, job: _Job, interp: Interpreter) -> list[torch.Tensor]:
         server = self.server
-        with server.pool.pinned(consts):
-            constants: Mapping[str, torch.Tensor] = server.pool
-            if written:  # constants are shared by every client: a program writes to its own copy
-                constants = ChainMap({d: server.pool[d].clone() for d in written}, server.pool)
-            interp = Interpreter(graph, device=server.device.device, constants=constants,
-                                 residents=self.residents)
+        with server.pool.pinned(job.consts):
+            if job.written:  # constants are shared by every client: a program writes to its own copy
+                interp.constants = ChainMap({d: server.pool[d].clone() for d in job.written}, server.pool)
             try:
-                interp.check_inputs(inputs)
+                _check_inputs(job.graph, job.inputs)
             except (TypeError, GenieError) as e:
                 raise RemoteExecutionError(str(e), op="genie.input") from e
-            return server.device.compute(lambda: interp.run(inputs))
+            return server.device.compute(lambda: interp.run(job.inputs))  # type: ignore[arg-type]
 
     def _plan(self, msg: Message) -> tuple[Graph, int]:
         """The graph a run names, and how many leading buffers described it."""
@@ -428,6 +576,53 @@ class Connection:
         slot.prev, slot.last, slot.strs, slot.graph = slot.last, ints, strs, graph
         self.server.stats["plan_cache_hits"] += 1
         return graph
+
+
+@dataclass
+class _Job:
+    """One run, as the worker thread needs it."""
+
+    id: int
+    graph: Graph
+    inputs: list  # tensors; None where a streamed input has not arrived yet
+    consts: list[str]
+    fetch: list[int]
+    keep: list[int]
+    written: list[str]
+    schedule: StageSchedule | None
+    inbound: Inbound | None
+    trace: bool
+
+
+class _Lender:
+    """Holds a compute slot for one run, and lends it out while the run waits for a streamed input:
+    a slow upload must not stall other connections' programs (on a GPU there is one slot)."""
+
+    def __init__(self, limiter: trio.CapacityLimiter) -> None:
+        self.limiter = limiter
+        self.held = False
+
+    def lend(self) -> Callable[[], None]:
+        """In the worker thread: give the slot back now; the returned function takes it again."""
+        trio.from_thread.run_sync(self._release)
+        return lambda: trio.from_thread.run(self._acquire)
+
+    def _release(self) -> None:
+        self.limiter.release_on_behalf_of(self)
+        self.held = False
+
+    async def _acquire(self) -> None:
+        await self.limiter.acquire_on_behalf_of(self)
+        self.held = True
+
+
+def _check_inputs(graph: Graph, inputs: list) -> None:
+    """Like ``graph.check_inputs``, but a hole (a streamed input still arriving) is checked later."""
+    if len(inputs) != len(graph.inputs):
+        raise TypeError(f"graph takes {len(graph.inputs)} inputs, got {len(inputs)}")
+    for pos, t in enumerate(inputs):
+        if t is not None:
+            graph.check_input(pos, t)
 
 
 HANDLERS: dict[str, Callable[[Connection, Message], Awaitable[Message | None]]] = {

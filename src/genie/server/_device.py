@@ -69,6 +69,7 @@ class Device:
         if not self.cuda:
             return list(values)
         with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_stream(self.compute_stream)  # mid-run outputs: after their stage
             out = []
             for v in values:
                 if v.device.type == "cpu":

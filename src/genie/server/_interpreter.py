@@ -7,7 +7,7 @@ Call tree::
 
     Interpreter(graph, device=..., constants=..., residents=...).run(inputs)
       check_inputs(inputs)               dtype/shape of each binding against the graph
-      for node in graph.nodes:
+      begin(inputs); for node in graph.nodes: step(node)
         run_node(node)
           genie.input     -> inputs[position]
           genie.const     -> constants[digest]
@@ -70,18 +70,27 @@ class Interpreter:
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         self.check_inputs(inputs)
+        self.begin(inputs)
+        for node in self.graph.nodes:
+            self.step(node)
+        return self.results()
+
+    def begin(self, inputs: Sequence[torch.Tensor]) -> None:
         self._inputs = inputs
-        g = self.graph
-        last_use = self._last_uses()
-        keep = {r.node for r in g.outputs}
-        for node in g.nodes:
-            self._values[node.id] = self.run_node(node)
-            if self.on_node is not None:
-                self.on_node(node)
-            for dead in last_use.get(node.id, ()):
-                if dead not in keep:
-                    del self._values[dead]
-        return [self._value(r) for r in g.outputs]
+        self._dead_after = self._last_uses()
+        self._keep = {r.node for r in self.graph.outputs}
+
+    def step(self, node: Node) -> None:
+        """Run ``node``, then drop the values it was the last reader of."""
+        self._values[node.id] = self.run_node(node)
+        if self.on_node is not None:
+            self.on_node(node)
+        for dead in self._dead_after.get(node.id, ()):
+            if dead not in self._keep:
+                del self._values[dead]
+
+    def results(self) -> list[torch.Tensor]:
+        return [self._value(r) for r in self.graph.outputs]
 
     def check_inputs(self, inputs: Sequence[torch.Tensor]) -> None:
         self.graph.check_inputs(inputs)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 import trio
 
-from genie.graph import Graph
+from genie.graph import Graph, StageSchedule
 from genie.runtime import RunResult, Stats
 from genie.server._session import Store
 
@@ -20,20 +20,26 @@ class LocalBackend:
         self._lock = threading.Lock()
 
     def run(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int],
-            keep: Sequence[int], constants: dict[str, torch.Tensor]) -> RunResult:
+            keep: Sequence[int], constants: dict[str, torch.Tensor], stages: StageSchedule | None = None,
+            stream: Sequence[int] = (), trace: bool = False) -> RunResult:
+        """``stream`` has nothing to overlap in process: every input is here already."""
         with self._lock:
             for d in self.store.missing(list(constants)):
                 self.store.put_constant(d, constants[d])
-            fetched, handles, metas = self.store.run(graph, inputs, fetch=fetch, keep=keep)
+            fetched, handles, metas, timeline = self.store.run(graph, inputs, fetch=fetch, keep=keep,
+                                                               stages=stages, trace=trace)
             self.stats.runs += 1
             # .cpu() of a CPU value would alias executor memory the next run may mutate
             fetched = [t.detach().to("cpu", copy=True) for t in fetched]
-            return RunResult(fetched, handles, metas)
+            return RunResult(fetched, handles, metas, timeline.to_wire() if timeline is not None else None)
 
     async def run_async(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int],
-                        keep: Sequence[int], constants: dict[str, torch.Tensor]) -> RunResult:
+                        keep: Sequence[int], constants: dict[str, torch.Tensor],
+                        stages: StageSchedule | None = None, stream: Sequence[int] = (),
+                        trace: bool = False) -> RunResult:
         return await trio.to_thread.run_sync(
-            lambda: self.run(graph, inputs, fetch=fetch, keep=keep, constants=constants))
+            lambda: self.run(graph, inputs, fetch=fetch, keep=keep, constants=constants, stages=stages,
+                             trace=trace))
 
     def free(self, handle: int) -> None:
         self.store.free([handle])

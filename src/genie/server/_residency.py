@@ -29,6 +29,14 @@ class MissingConstantsError(GenieError):
         super().__init__(f"{len(digests)} constant(s) not on the server")
 
 
+class MissingPlanError(GenieError):
+    """A run named a stage schedule by a plan key this server does not hold: the client re-sends it."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(f"stage schedule {key[:16]} not on the server")
+
+
 def content_digest(t: torch.Tensor) -> str:
     """A constant's name, as clients make it (``genie.lazy._recorder.content_digest``: dtype, shape,
     bytes). The server recomputes it for what it receives, so a client cannot store other data

@@ -10,7 +10,8 @@ Call tree::
         watch_stdin()                   embedded mode: the parent went away -> shut down
 
 State shared by connections lives on ``Server``: the device, the constant pool (weights uploaded
-once per server, shared by all), the template cache and the compute limiter.
+once per server, shared by all), the template cache, the stage-schedule cache (keyed by the
+client's plan key) and the compute limiter.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import trio
 
+from genie.graph import StageSchedule
 from genie.graph._template import Template
 from genie.server._conn import Connection
 from genie.server._device import Device
@@ -52,7 +54,8 @@ class Config:
 
 
 class _LRU(OrderedDict):
-    """Parsed templates by digest, shared by connections; the oldest go first."""
+    """Parsed templates by digest, stage schedules by plan key: shared by connections; the least
+    recently stored go first."""
 
     def __init__(self, size: int) -> None:
         super().__init__()
@@ -60,6 +63,7 @@ class _LRU(OrderedDict):
 
     def __setitem__(self, key, value) -> None:
         super().__setitem__(key, value)
+        self.move_to_end(key)
         if len(self) > self.size:
             self.popitem(last=False)
 
@@ -74,6 +78,7 @@ class Server:
         self.verbose = config.verbose
         self.hello_timeout = config.hello_timeout
         self.templates: _LRU[str, Template] = _LRU(MAX_TEMPLATES)
+        self.plans: _LRU[str, StageSchedule] = _LRU(MAX_TEMPLATES)  # the client's plan key -> schedule
         # one program at a time on a GPU (streams order the rest); a few at once on CPU threads
         limit = 1 if self.device.cuda else max(1, min(4, os.cpu_count() or 1))
         self.compute_limiter = trio.CapacityLimiter(limit)
@@ -83,7 +88,8 @@ class Server:
         p = self.pool
         return {**self.stats, "device": str(self.device), "constants": len(p),
                 "constant_bytes": p.const_bytes, "resident_bytes": p.resident_bytes,
-                "evictions": p.evictions, "memory_limit": p.limit or 0, "templates": len(self.templates)}
+                "evictions": p.evictions, "memory_limit": p.limit or 0, "templates": len(self.templates),
+                "plans": len(self.plans)}
 
     async def handle(self, stream: trio.SocketStream) -> None:
         try:

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 
 import torch
 
-from genie.graph import Graph, TensorMeta
+from genie.graph import Graph, StageSchedule, TensorMeta
 from genie.server._interpreter import Interpreter, own_storage
+from genie.server._staged import StagedInterpreter, Timeline
 
 
 class Store:
@@ -28,17 +29,28 @@ class Store:
             self.constants[digest] = own_storage(t.to(self.device))
 
     def run(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int],
-            keep: Sequence[int]) -> tuple[list[torch.Tensor], list[int], list[TensorMeta]]:
-        """Run; return fetched values (on device), handles and metas of kept ones."""
-        values = Interpreter(graph, device=self.device, constants=self.constants,
-                             residents=self.residents).run(inputs)
+            keep: Sequence[int], stages: StageSchedule | None = None, trace: bool = False,
+            ) -> tuple[list[torch.Tensor], list[int], list[TensorMeta], Timeline | None]:
+        """Run (stage by stage with ``stages``); return fetched values (on device), handles and metas
+        of kept ones, and the staged run's timeline if ``trace``."""
+        timeline = None
+        if stages is None:
+            values = Interpreter(graph, device=self.device, constants=self.constants,
+                                 residents=self.residents).run(inputs)
+        else:
+            stages.check(graph)
+            graph.check_inputs(inputs)
+            interp = StagedInterpreter(graph, stages, device=self.device, constants=self.constants,
+                                       residents=self.residents, meter=trace)
+            values = interp.run(inputs)
+            timeline = interp.timeline if trace else None
         handles, metas = [], []
         for i in keep:
             h = next(self._handles)
             self.residents[h] = values[i]
             handles.append(h)
             metas.append(TensorMeta.of(values[i]))
-        return [values[i] for i in fetch], handles, metas
+        return [values[i] for i in fetch], handles, metas, timeline
 
     def fetch(self, handle: int) -> torch.Tensor:
         return self.residents[handle]

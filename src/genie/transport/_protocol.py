@@ -16,14 +16,17 @@ Messages (``MESSAGES``; every request carries an ``id`` that its reply repeats):
 
     kind     sender  fields                                   buffers              reply
     hello    client  version, token                           -                    welcome | error
-    welcome  server  version, device, max_frame               -
+    welcome  server  version, device, max_frame (+ clock)     -
     has      client  id, digests                              -                    have
     have     server  id, missing                              -
     upload   client  id, digests                              one tensor each      done | error
     done     server  id                                       -
-    run      client  id, plan, inputs, consts, fetch, keep    plan, inputs, consts result | error
-                     (+ frees, slot, check, strs, ints)
-    result   server  id, handles, metas                       fetched tensors
+    run      client  id, plan, inputs, consts, fetch, keep    plan, inputs, consts part* result | error
+                     (+ frees, slot, check, strs, stages,
+                      stream, trace)
+    input    client  id (of its run), input                   one tensor           (none)
+    part     server  id, output (a fetch position)            one tensor
+    result   server  id, handles, metas (+ early, timeline)   fetched tensors
     fetch    client  id, handle                               -                    result | error
     free     client  handles                                  -                    (none)
     stats    client  id                                       -                    report
@@ -32,6 +35,13 @@ Messages (``MESSAGES``; every request carries an ``id`` that its reply repeats):
     pong     server  id                                       -
     error    server  id, kind, message (+ op, traceback,      -
                      missing); id 0: about the connection
+
+A run may stream its large inputs: ``stream`` lists input positions that follow it, each in its
+own ``input`` frame, so the server starts the first stages before they have arrived. A run with
+``stages`` (a StageSchedule, or the key of one sent before) runs stage by stage, and each fetched
+output final before the last stage goes back at once as a ``part``; ``early`` in the result lists
+the fetch positions so sent. ``trace`` asks for the server's ``timeline`` (``clock`` in welcome is
+the server's perf_counter_ns, to line its times up with the client's).
 
 Conversation state (``TRANSITIONS``): START --hello--> GREETED --welcome--> READY; in GREETED an
 error ends it (CLOSED). In READY each side may send its own kinds, in any number and order.
@@ -96,6 +106,8 @@ MESSAGES: dict[str, Spec] = {
     "ping": Spec(13, CLIENT, {"id": _I}),
     "pong": Spec(14, SERVER, {"id": _I}),
     "error": Spec(15, SERVER, {"id": _I, "kind": _S, "message": _S}),
+    "input": Spec(16, CLIENT, {"id": _I, "input": _I}),
+    "part": Spec(17, SERVER, {"id": _I, "output": _I}),
 }
 _BY_CODE = {s.code: k for k, s in MESSAGES.items()}
 _READY_KINDS = {(s.sender, k) for k, s in MESSAGES.items() if k not in ("hello", "welcome")}
@@ -117,6 +129,8 @@ class Message:
     fields: dict[str, Any] = field(default_factory=dict)
     buffers: list = field(default_factory=list)
     nbytes: int = 0  # size on the wire, set when sent or received
+    started_ns: int = 0  # perf_counter_ns when its first bytes were read (set by the I/O layer)
+    received_ns: int = 0  # ... and when its last bytes were
 
     def __getitem__(self, key: str) -> Any:
         return self.fields[key]

@@ -1,0 +1,67 @@
+"""Inputs of one run that arrive in their own frames after it, while its first stages compute.
+
+The receive task puts each one here as it lands; the worker thread running the program waits for
+an input only when the first stage that reads it starts. Shared by one event loop and one worker
+thread, so it uses a condition variable, and ``abort`` wakes a waiter when the connection ends.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import torch
+
+from genie._errors import ConnectionLostError, RemoteProtocolError
+
+
+class Inbound:
+    def __init__(self, positions: list[int]) -> None:
+        if len(set(positions)) != len(positions) or any(p < 0 for p in positions):
+            raise RemoteProtocolError("run message: 'stream' must list distinct input positions")
+        self.positions = frozenset(positions)
+        self.tensors: dict[int, torch.Tensor] = {}
+        self.received: list[list] = []  # ["receive input 3", start_ns, end_ns], for the timeline
+        self.run_done = False  # the run finished (or failed): drop this once every input is in
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+
+    @property
+    def complete(self) -> bool:
+        return len(self.tensors) == len(self.positions)
+
+    def arrive(self, pos: int, t: torch.Tensor, started_ns: int, ended_ns: int) -> None:
+        if pos not in self.positions or pos in self.tensors:
+            raise RemoteProtocolError(f"input frame for position {pos}, which the run did not stream "
+                                      "or which already arrived")
+        with self._cond:
+            self.tensors[pos] = t
+            self.received.append([f"receive input {pos}", started_ns, ended_ns])
+            self._cond.notify_all()
+
+    def wait(self, pos: int, on_block: Callable[[], Callable[[], None]] | None = None) -> torch.Tensor:
+        """Input ``pos``, once it is here. If it is not yet, ``on_block()`` runs first and the
+        function it returns runs after the wait (the caller lends its compute slot meanwhile)."""
+        with self._cond:
+            if pos in self.tensors or self._error is not None:
+                return self._take(pos)
+        resume = on_block() if on_block is not None else None
+        try:
+            with self._cond:
+                while pos not in self.tensors and self._error is None:
+                    self._cond.wait()
+                return self._take(pos)
+        finally:
+            if resume is not None:
+                resume()
+
+    def _take(self, pos: int) -> torch.Tensor:
+        if pos in self.tensors:
+            return self.tensors[pos]
+        raise self._error or ConnectionLostError("streamed input never arrived")
+
+    def abort(self, exc: BaseException) -> None:
+        """No more frames will come (the connection is ending): fail whoever waits."""
+        with self._cond:
+            self._error = exc
+            self._cond.notify_all()
