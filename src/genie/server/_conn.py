@@ -28,12 +28,12 @@ every client under its digest) writes to its own copy.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import math
 import sys
 import time
 import traceback
-from collections import ChainMap
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -50,13 +50,11 @@ from genie._errors import (
     RemoteProtocolError,
     UnsupportedOpError,
 )
-from genie.graph import CONST, RESIDENT, SOURCE_OPS, Graph, Node, StageSchedule, TensorMeta
+from genie.graph import CONST, RESIDENT, SOURCE_OPS, Graph, StageSchedule
 from genie.graph._template import Template, apply, predict, split
-from genie.graph._wire import encode_meta
 from genie.server._inbound import Inbound
-from genie.server._interpreter import Interpreter
+from genie.server._job import Job, Lender, run_job, written_sources
 from genie.server._residency import MissingConstantsError, MissingPlanError, Residents, content_digest
-from genie.server._staged import StagedInterpreter
 from genie.transport import CLOSED, NEED_DATA, SERVER, VERSION, Message, Protocol
 
 if TYPE_CHECKING:
@@ -403,7 +401,7 @@ class Connection:
                                  "(freed, or kept by another connection)")
         device = server.device
         consts = [n.args[0] for n in graph.nodes if n.op == CONST]
-        written, writes_residents = _written_sources(graph)
+        written, writes_residents = written_sources(graph)
         if writes_residents:  # a resident being sent must not change under the send
             while self._in_flight:
                 await self._sent.wait()
@@ -412,31 +410,31 @@ class Connection:
         if device.cuda:
             staged = iter(await trio.to_thread.run_sync(device.stage, [t for t in inputs if t is not None]))
             inputs = [None if t is None else next(staged) for t in inputs]
-        job = _Job(msg["id"], graph, inputs, consts, fetch, keep, written, schedule, inbound,
-                   bool(msg.get("trace")) and schedule is not None)
+        job = Job(msg["id"], graph, inputs, consts, fetch, keep, written, schedule, inbound,
+                  bool(msg.get("trace")) and schedule is not None)
         if job.trace:
-            self._send_logs[job.id] = []
+            job.send_log = self._send_logs[job.id] = []
+        run = functools.partial(run_job, job, server=server, residents=self.residents,
+                                send_part=self._queue_part)
         if not device.cuda and schedule is None and all(n.op in SOURCE_OPS for n in graph.nodes):
             # nothing to compute (``.cpu()`` of a kept value, an echo): no worker thread needed
-            out = self._execute(job, None)
+            out = run(lender=None)
         else:
-            lender = _Lender(server.compute_limiter)
-            await server.compute_limiter.acquire_on_behalf_of(lender)
-            lender.held = True
+            lender = Lender(server.compute_limiter)
+            await lender.acquire()
             try:
-                out = await trio.to_thread.run_sync(self._execute, job, lender)
+                out = await trio.to_thread.run_sync(functools.partial(run, lender=lender))
             finally:
-                if lender.held:
-                    server.compute_limiter.release_on_behalf_of(lender)
-        handles, metas, fetched, early, timeline = out
+                lender.release()
+        fetched = out.fetched
         if device.cuda:
             fetched = await trio.to_thread.run_sync(device.to_host, fetched)
         server.stats["runs"] += 1
-        fields = {"id": msg["id"], "handles": handles, "metas": metas}
-        if early:
-            fields["early"] = early
-        if timeline is not None:
-            fields["timeline"] = timeline
+        fields = {"id": msg["id"], "handles": out.handles, "metas": out.metas}
+        if out.early:
+            fields["early"] = out.early
+        if out.timeline is not None:
+            fields["timeline"] = out.timeline
         return Message("result", fields, fetched)
 
     def _schedule(self, msg: Message, graph: Graph) -> StageSchedule | None:
@@ -454,74 +452,10 @@ class Connection:
         self.server.plans[schedule.key] = schedule
         return schedule
 
-    def _execute(self, job: _Job, lender: _Lender | None) -> tuple:
-        """Run; keep what is kept; return handles, their metas, the values still to send, the fetch
-        positions already sent as parts, and the timeline (if traced)."""
-        t0 = time.perf_counter()
-        interp, early = self._interpreter(job, lender)
-        values = self._compute(job, interp)
-        self.server.stats["compute_seconds"] += time.perf_counter() - t0
-        handles = self.residents.keep([values[i] for i in job.keep])
-        metas = [encode_meta(TensorMeta.of(values[i])) for i in job.keep]
-        fetched = [values[i] for p, i in enumerate(job.fetch) if p not in early]
-        timeline = None
-        if job.trace and isinstance(interp, StagedInterpreter):
-            received = job.inbound.received if job.inbound is not None else []
-            timeline = {**interp.timeline.to_wire(), "receives": received,
-                        "sends": self._send_logs.get(job.id, [])}
-        return handles, metas, fetched, early, timeline
-
-    def _interpreter(self, job: _Job, lender: _Lender | None) -> tuple[Interpreter, list[int]]:
-        """The interpreter for ``job`` (a staged one when it has a schedule) and the list that the
-        fetch positions it sends early as parts are added to."""
-        server, graph = self.server, job.graph
-        early: list[int] = []
-        if job.schedule is None:
-            return Interpreter(graph, device=server.device.device, constants=server.pool,
-                               residents=self.residents), early
-        inbound = job.inbound
-        fetch_pos: dict[int, list[int]] = {}  # outputs final before the last stage: sent as parts
-        last = job.schedule.n_stages - 1
-        for p, i in enumerate(job.fetch):
-            if job.schedule.ready[i] < last:
-                fetch_pos.setdefault(i, []).append(p)
-        def get_input(pos: int) -> torch.Tensor:
-            t = job.inputs[pos]
-            if t is None:
-                assert inbound is not None
-                t = inbound.wait(pos, lender.lend if lender is not None else None)
-                try:
-                    graph.check_input(pos, t)
-                except TypeError as e:
-                    raise RemoteExecutionError(str(e), op="genie.input") from e
-            return t
-
-        def on_output(i: int, value: torch.Tensor) -> None:
-            (host,) = server.device.to_host([value])
-            for p in fetch_pos[i]:
-                trio.from_thread.run_sync(self._queue_part, job.id, p, host)
-                early.append(p)
-
-        interp = StagedInterpreter(graph, job.schedule, device=server.device.device, constants=server.pool,
-                                   residents=self.residents, get_input=get_input, on_output=on_output,
-                                   early=fetch_pos, meter=job.trace)
-        return interp, early
-
     def _queue_part(self, req_id: int, pos: int, host: torch.Tensor) -> None:
         if not self.closing:
             self._in_flight += 1
             self.outbox.send_nowait(Message("part", {"id": req_id, "output": pos}, [host]))
-
-    def _compute(self, job: _Job, interp: Interpreter) -> list[torch.Tensor]:
-        server = self.server
-        with server.pool.pinned(job.consts):
-            if job.written:  # constants are shared by every client: a program writes to its own copy
-                interp.constants = ChainMap({d: server.pool[d].clone() for d in job.written}, server.pool)
-            try:
-                _check_inputs(job.graph, job.inputs)
-            except (TypeError, GenieError) as e:
-                raise RemoteExecutionError(str(e), op="genie.input") from e
-            return server.device.compute(lambda: interp.run(job.inputs))  # type: ignore[arg-type]
 
     def _plan(self, msg: Message) -> tuple[Graph, int]:
         """The graph a run names, and how many leading buffers described it."""
@@ -578,53 +512,6 @@ class Connection:
         return graph
 
 
-@dataclass
-class _Job:
-    """One run, as the worker thread needs it."""
-
-    id: int
-    graph: Graph
-    inputs: list  # tensors; None where a streamed input has not arrived yet
-    consts: list[str]
-    fetch: list[int]
-    keep: list[int]
-    written: list[str]
-    schedule: StageSchedule | None
-    inbound: Inbound | None
-    trace: bool
-
-
-class _Lender:
-    """Holds a compute slot for one run, and lends it out while the run waits for a streamed input:
-    a slow upload must not stall other connections' programs (on a GPU there is one slot)."""
-
-    def __init__(self, limiter: trio.CapacityLimiter) -> None:
-        self.limiter = limiter
-        self.held = False
-
-    def lend(self) -> Callable[[], None]:
-        """In the worker thread: give the slot back now; the returned function takes it again."""
-        trio.from_thread.run_sync(self._release)
-        return lambda: trio.from_thread.run(self._acquire)
-
-    def _release(self) -> None:
-        self.limiter.release_on_behalf_of(self)
-        self.held = False
-
-    async def _acquire(self) -> None:
-        await self.limiter.acquire_on_behalf_of(self)
-        self.held = True
-
-
-def _check_inputs(graph: Graph, inputs: list) -> None:
-    """Like ``graph.check_inputs``, but a hole (a streamed input still arriving) is checked later."""
-    if len(inputs) != len(graph.inputs):
-        raise TypeError(f"graph takes {len(graph.inputs)} inputs, got {len(inputs)}")
-    for pos, t in enumerate(inputs):
-        if t is not None:
-            graph.check_input(pos, t)
-
-
 HANDLERS: dict[str, Callable[[Connection, Message], Awaitable[Message | None]]] = {
     "has": Connection.on_has,
     "upload": Connection.on_upload,
@@ -633,24 +520,6 @@ HANDLERS: dict[str, Callable[[Connection, Message], Awaitable[Message | None]]] 
     "free": Connection.on_free,
     "stats": Connection.on_stats,
 }
-
-
-def _written_sources(graph: Graph) -> tuple[list[str], bool]:
-    """(digests of constants the graph writes to, whether it writes to a resident value)."""
-    owner: dict[int, Node] = {}
-    for n in graph.nodes:
-        if n.op in (CONST, RESIDENT):
-            for sid in n.storages:
-                owner[sid] = n
-    consts, residents = [], False
-    for n in graph.nodes:
-        for sid in n.writes:
-            src = owner.get(sid)
-            if src is not None and src.op == CONST:
-                consts.append(src.args[0])
-            elif src is not None:
-                residents = True
-    return list(dict.fromkeys(consts)), residents
 
 
 def _strings(v: list, what: str) -> list[str]:
