@@ -161,8 +161,8 @@ def test_a_wrong_streamed_input_is_the_callers_error(remote):
     graph = _echo_graph()
     plan = genie.schedule(graph)
     with pytest.raises(genie.RemoteExecutionError, match="input 0") as e:
-        remote.bridge().call(remote._run, plan.graph, [torch.randn(3, 3)], [0], [], {}, plan.stage_schedule(),
-                             [0])
+        remote.run(plan.graph, [torch.randn(3, 3)], fetch=[0], keep=[], constants={},
+                   stages=plan.stage_schedule(), stream=[0])
     assert e.value.op == "genie.input"
     x = torch.randn(4, 4)
     (got,) = trio.run(genie.execute, graph, x)  # the same connection works on

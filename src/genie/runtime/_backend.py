@@ -49,7 +49,8 @@ class Backend(Protocol):
     stats: Stats
 
     def run(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int],
-            keep: Sequence[int], constants: dict[str, torch.Tensor]) -> RunResult: ...
+            keep: Sequence[int], constants: dict[str, torch.Tensor], stages: StageSchedule | None = None,
+            stream: Sequence[int] = (), trace: bool = False) -> RunResult: ...
 
     async def run_async(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int],
                         keep: Sequence[int], constants: dict[str, torch.Tensor],

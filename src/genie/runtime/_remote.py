@@ -139,8 +139,10 @@ class RemoteBackend:
 
     # -- the Backend protocol -------------------------------------------------------------------
     def run(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int],
-            keep: Sequence[int], constants: dict[str, torch.Tensor]) -> RunResult:
-        return self.bridge().call(self._run, graph, list(inputs), list(fetch), list(keep), constants)
+            keep: Sequence[int], constants: dict[str, torch.Tensor], stages: StageSchedule | None = None,
+            stream: Sequence[int] = (), trace: bool = False) -> RunResult:
+        return self.bridge().call(self._run, graph, list(inputs), list(fetch), list(keep), constants,
+                                  stages, list(stream), trace)
 
     async def run_async(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int],
                         keep: Sequence[int], constants: dict[str, torch.Tensor],

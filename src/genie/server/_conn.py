@@ -414,6 +414,7 @@ class Connection:
                   bool(msg.get("trace")) and schedule is not None)
         if job.trace:
             job.send_log = self._send_logs[job.id] = []
+            job.received = (msg.started_ns, msg.received_ns)
         run = functools.partial(run_job, job, server=server, residents=self.residents,
                                 send_part=self._queue_part)
         if not device.cuda and schedule is None and all(n.op in SOURCE_OPS for n in graph.nodes):

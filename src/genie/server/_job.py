@@ -49,6 +49,7 @@ class Job:
     schedule: StageSchedule | None
     inbound: Inbound | None
     trace: bool
+    received: tuple[int, int] = (0, 0)  # when the run frame's first and last bytes were read
     send_log: list | None = None  # [name, start, end] of its parts' sends, filled by the send task
 
 
@@ -103,7 +104,8 @@ def run_job(job: Job, *, server: Server, residents: Residents, lender: Lender | 
     fetched = [values[i] for p, i in enumerate(job.fetch) if p not in early]
     timeline = None
     if job.trace and isinstance(interp, StagedInterpreter):
-        timeline = {**interp.timeline.to_wire(), "receives": job.inbound.received if job.inbound else [],
+        receives = [["receive run", *job.received], *(job.inbound.received if job.inbound else [])]
+        timeline = {**interp.timeline.to_wire(), "receives": receives,
                     "sends": job.send_log if job.send_log is not None else []}
     return JobResult(handles, metas, fetched, early, timeline)
 
