@@ -252,3 +252,18 @@ def test_stage_schedule_checks_what_it_is_given():
     with pytest.raises(genie.ProtocolError, match="last writer"):
         StageSchedule("k", (computes[0], adder), (0,)).check(g)
     StageSchedule("k", (computes[0], adder), (1,)).check(g)
+
+
+async def test_in_process_backend_runs_the_same_stages():
+    from genie.server import LocalBackend
+
+    x, big = torch.randn(32, 32), torch.randn(256, 256)
+    graph = genie.trace(two_phase, x, big)
+    with using(LocalBackend("cpu")), genie.profile() as prof:
+        a, total = await genie.execute(graph, x, big)
+    assert len(spans(prof, "server", "stage ")) == len(genie.schedule(graph).stages) == 2
+    (run,) = spans(prof, "server", "run")
+    assert 0 < run.args["peak_bytes"] <= run.args["activation_bytes"]
+    want_a, want_total = two_phase(x, big)
+    torch.testing.assert_close(a, want_a)
+    torch.testing.assert_close(total, want_total)
