@@ -91,26 +91,24 @@ def record(name: str, cat: str, start_ns: int, end_ns: int, *, process: str = "c
         p.add(s)
 
 
-def record_timeline(timeline: dict, stage_names: Sequence[str], process: str, *, offset_ns: int = 0,
-                    tid: int | None = None) -> None:
+def record_timeline(timeline: dict, stage_names: Sequence[str], process: str) -> None:
     """Spans of an executor's timeline (``Timeline.to_wire()`` plus optional ``receives``/``sends``
-    lists of ``[name, start, end]``), moved onto this process's clock by subtracting ``offset_ns``."""
+    lists of ``[name, start, end]``), its times already on this process's clock."""
     if not _active:
         return
-    o = offset_ns
     for k, (a, b) in enumerate(timeline.get("stages", ())):
         name = stage_names[k] if k < len(stage_names) else str(k)
-        record(f"stage {name}", "compute", a - o, b - o, process=process, tid=tid)
+        record(f"stage {name}", "compute", a, b, process=process)
     for pos, a, b in timeline.get("waits", ()):
-        record(f"wait input {pos}", "wait", a - o, b - o, process=process, tid=tid)
+        record(f"wait input {pos}", "wait", a, b, process=process)
     for i, a, b in timeline.get("outputs", ()):
-        record(f"hand over output {i}", "download", a - o, b - o, process=process, tid=tid)
+        record(f"hand over output {i}", "download", a, b, process=process)
     for cat, key in (("upload", "receives"), ("download", "sends")):
         for name, a, b in timeline.get(key, ()):
-            record(name, cat, a - o, b - o, process=process, tid=tid)
+            record(name, cat, a, b, process=process)
     if timeline.get("peak_bytes", -1) >= 0 and timeline.get("stages"):
         a, b = timeline["stages"][0][0], timeline["stages"][-1][1]
-        record("run", "run", a - o, b - o, process=process, tid=tid,
+        record("run", "run", a, b, process=process,
                args={"peak_bytes": timeline["peak_bytes"], "activation_bytes": timeline["activation_bytes"]})
 
 

@@ -39,8 +39,9 @@ class StageSchedule:
     def n_stages(self) -> int:
         return max(len(self.starts), 1)
 
-    def check(self, graph: Graph) -> tuple[list[int], list[list[int]]]:
-        """Raise ProtocolError unless this schedule fits ``graph``; else return ``layout(graph)``."""
+    def check(self, graph: Graph) -> list[list[int]]:
+        """Raise ProtocolError unless this schedule fits ``graph``; else return each stage's node ids
+        in run order (what ``layout`` gives), so that a checked schedule is not laid out twice."""
         compute = [n.id for n in graph.nodes if n.op not in SOURCE_OPS]
         starts = self.starts
         if compute and (not starts or starts[0] != compute[0]):
@@ -62,7 +63,7 @@ class StageSchedule:
             final = max(r.node, last_writer.get(storages[r.index], -1) if storages else -1)
             if self.ready[i] < stage_of[final]:  # sent early, it would miss a later write
                 raise ProtocolError(f"stage schedule: output {i} is ready before its last writer's stage")
-        return stage_of, stages
+        return stages
 
     def layout(self, graph: Graph) -> tuple[list[int], list[list[int]]]:
         """(stage of every node, node ids of each stage in run order): compute nodes by ``starts``,

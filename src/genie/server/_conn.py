@@ -373,7 +373,7 @@ class Connection:
             self.residents.free(_ints(msg["frees"], "frees"))
         t0 = time.perf_counter()
         graph, n_plan = self._plan(msg)
-        schedule = self._schedule(msg, graph)
+        schedule, layout = self._schedule(msg, graph)
         server.stats["plan_seconds"] += time.perf_counter() - t0
         if inbound is not None and schedule is None:
             raise RemoteProtocolError("run message: streamed inputs need a stage schedule")
@@ -410,7 +410,7 @@ class Connection:
         if device.cuda:
             staged = iter(await trio.to_thread.run_sync(device.stage, [t for t in inputs if t is not None]))
             inputs = [None if t is None else next(staged) for t in inputs]
-        job = Job(msg["id"], graph, inputs, consts, fetch, keep, written, schedule, inbound,
+        job = Job(msg["id"], graph, inputs, consts, fetch, keep, written, schedule, layout, inbound,
                   bool(msg.get("trace")) and schedule is not None)
         if job.trace:
             job.send_log = self._send_logs[job.id] = []
@@ -438,20 +438,21 @@ class Connection:
             fields["timeline"] = out.timeline
         return Message("result", fields, fetched)
 
-    def _schedule(self, msg: Message, graph: Graph) -> StageSchedule | None:
-        """The run's stage schedule: sent whole (and cached under its plan key), or named by key."""
+    def _schedule(self, msg: Message, graph: Graph) -> tuple[StageSchedule | None, list[list[int]] | None]:
+        """The run's stage schedule (sent whole and cached under its plan key, or named by key) and
+        its checked layout on ``graph``."""
         stages = msg.get("stages")
         if stages is None:
-            return None
+            return None, None
         if isinstance(stages, str):
             schedule = self.server.plans.get(stages)
             if schedule is None:
                 raise MissingPlanError(stages)
         else:
             schedule = StageSchedule.from_wire(stages)
-        schedule.check(graph)  # a cached schedule is checked too: another client may have sent it
+        layout = schedule.check(graph)  # a cached schedule is checked too: another client may have sent it
         self.server.plans[schedule.key] = schedule
-        return schedule
+        return schedule, layout
 
     def _queue_part(self, req_id: int, pos: int, host: torch.Tensor) -> None:
         if not self.closing:

@@ -47,6 +47,7 @@ class Job:
     keep: list[int]
     written: list[str]  # digests of constants the program writes to
     schedule: StageSchedule | None
+    layout: list[list[int]] | None  # node ids per stage, from ``schedule.check(graph)``
     inbound: Inbound | None
     trace: bool
     received: tuple[int, int] = (0, 0)  # when the run frame's first and last bytes were read
@@ -142,7 +143,7 @@ def _interpreter(job: Job, server: Server, residents: Residents, lender: Lender 
 
     interp = StagedInterpreter(graph, job.schedule, device=device.device, constants=server.pool,
                                residents=residents, get_input=get_input, on_output=on_output, early=parts,
-                               meter=job.trace)
+                               meter=job.trace, layout=job.layout)
     return interp, early
 
 

@@ -38,10 +38,10 @@ class Store:
             values = Interpreter(graph, device=self.device, constants=self.constants,
                                  residents=self.residents).run(inputs)
         else:
-            stages.check(graph)
+            layout = stages.check(graph)
             graph.check_inputs(inputs)
             interp = StagedInterpreter(graph, stages, device=self.device, constants=self.constants,
-                                       residents=self.residents, meter=trace)
+                                       residents=self.residents, meter=trace, layout=layout)
             values = interp.run(inputs)
             timeline = interp.timeline if trace else None
         handles, metas = [], []

@@ -7,7 +7,8 @@ stage ends, and every value is dropped after its last reader (the meter proves i
 Call tree::
 
     StagedInterpreter(graph, schedule, ..., get_input=, on_output=, meter=).run(inputs)
-      for stage k in schedule.layout(graph):          sources sit in their first reader's stage
+      for stage k in layout (schedule.check's, or schedule.layout(graph)): sources sit in their
+                                                      first reader's stage
         for node in stage k: step(node)
           genie.input     -> get_input(pos): may block until that input has arrived
           anything else   -> Interpreter.run_node; the meter counts what it allocates
@@ -89,15 +90,18 @@ class Meter:
 
 class StagedInterpreter(Interpreter):
     """``get_input(pos)`` binds input ``pos`` (default: ``inputs[pos]``); ``on_output(i, value)`` is
-    called right after the stage that makes output ``i`` final, for each ``i`` in ``early``."""
+    called right after the stage that makes output ``i`` final, for each ``i`` in ``early``;
+    ``layout`` is the stages' node ids when the caller already has them from ``schedule.check``."""
 
     def __init__(self, graph: Graph, schedule: StageSchedule, *, device: torch.device,
                  constants: Mapping[str, torch.Tensor], residents: Mapping[int, torch.Tensor] | None = None,
                  get_input: Callable[[int], torch.Tensor] | None = None,
                  on_output: Callable[[int, torch.Tensor], None] | None = None,
-                 early: Collection[int] = (), meter: bool = False) -> None:
+                 early: Collection[int] = (), meter: bool = False,
+                 layout: list[list[int]] | None = None) -> None:
         super().__init__(graph, device=device, constants=constants, residents=residents)
         self.schedule = schedule
+        self.layout = layout if layout is not None else schedule.layout(graph)[1]  # node ids per stage
         self.get_input = get_input
         self.on_output = on_output
         self.early = set(early) if on_output is not None else set()
@@ -106,13 +110,12 @@ class StagedInterpreter(Interpreter):
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         g, tl = self.graph, self.timeline
-        _, stages = self.schedule.layout(g)
         by_stage: dict[int, list[int]] = {}
         for i, k in enumerate(self.schedule.ready):
             if i in self.early:
                 by_stage.setdefault(k, []).append(i)
         self.begin(inputs)
-        for k, ids in enumerate(stages):
+        for k, ids in enumerate(self.layout):
             t0 = time.perf_counter_ns()
             for nid in ids:
                 self.step(g.nodes[nid])
