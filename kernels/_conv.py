@@ -2,8 +2,12 @@
 reference, and ``fold_batchnorm``. The kernels are in ``_conv_kernel`` (implicit GEMM, plus a direct
 depthwise kernel).
 
-- Layout: NCHW in and out. ``x`` and ``weight`` may have any strides (channels_last included); they
-  are read in place, never copied. The output is a new contiguous NCHW tensor of x's dtype.
+- Layout: ``x`` and ``weight`` may have any strides; x is read in place, never copied. Channels-last
+  (NHWC) input is the fast layout; for it the weight is permuted to channels-last once per weight
+  tensor (cached on it), and NCHW input still works, at the slower gather. The output is a new
+  tensor of x's dtype, channels-last when ``channels_last=True``, contiguous NCHW when False, and
+  by default in x's layout (channels-last exactly when x is channels-last and not also contiguous,
+  as ``F.conv2d`` does).
 - ``bias``: None or a (out_channels,) tensor of x's dtype, as for ``F.conv2d``.
 - ``bn``: None, an ``nn.BatchNorm2d`` in eval mode, or a tuple
   ``(running_mean, running_var, weight, bias, eps)`` where weight and bias may be None (affine off).
@@ -126,19 +130,21 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, bn:
 def conv2d_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                   bn: BatchNormArg | None = None, activation: str | None = "relu",
                   stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
-                  dilation: int | tuple[int, int] = 1, groups: int = 1) -> torch.Tensor:
+                  dilation: int | tuple[int, int] = 1, groups: int = 1,
+                  channels_last: bool | None = None) -> torch.Tensor:
     """activation(bn(conv2d(x, weight, bias))), one kernel. Triton on CUDA; on CPU the torch reference,
     or the interpreter when ``GENIE_TRITON_INTERPRET=1``/``TRITON_INTERPRET=1``."""
     device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
     run = conv2d_bn_act_reference if backend_for(device) == "reference" else conv2d_bn_act_triton
     return run(x, weight, bias, bn=bn, activation=activation, stride=stride, padding=padding,
-               dilation=dilation, groups=groups)
+               dilation=dilation, groups=groups, channels_last=channels_last)
 
 
 def conv2d_bn_act_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                          bn: BatchNormArg | None = None, activation: str | None = "relu",
                          stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
-                         dilation: int | tuple[int, int] = 1, groups: int = 1) -> torch.Tensor:
+                         dilation: int | tuple[int, int] = 1, groups: int = 1,
+                         channels_last: bool | None = None) -> torch.Tensor:
     """Always the Triton kernel: compiled on CUDA, interpreted elsewhere."""
     conv = _check(x, weight, bias, bn, activation, stride, padding, dilation, groups)
     bn_tensors = dict(zip(("bn running_mean", "bn running_var", "bn weight", "bn bias"), conv.bn or (),
@@ -148,15 +154,16 @@ def conv2d_bn_act_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     from . import _conv_kernel
 
     return _conv_kernel.launch(x, weight, bias, conv.bn, conv.activation, conv.stride, conv.padding,
-                               conv.dilation, conv.depthwise)
+                               conv.dilation, conv.depthwise, _out_channels_last(x, channels_last))
 
 
 def conv2d_bn_act_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                             bn: BatchNormArg | None = None, activation: str | None = "relu",
                             stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
-                            dilation: int | tuple[int, int] = 1, groups: int = 1) -> torch.Tensor:
+                            dilation: int | tuple[int, int] = 1, groups: int = 1,
+                            channels_last: bool | None = None) -> torch.Tensor:
     """The same computation with torch ops: conv2d, then eval-mode batch_norm and the activation in
-    fp32 (as the kernel's epilogue does), rounded to x's dtype."""
+    fp32 (as the kernel's epilogue does), rounded to x's dtype, in the kernel's output layout."""
     conv = _check(x, weight, bias, bn, activation, stride, padding, dilation, groups)
     y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups).float()
     if conv.bn is not None:
@@ -169,7 +176,16 @@ def conv2d_bn_act_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
         y = F.gelu(y)
     elif conv.activation == "silu":
         y = F.silu(y)
-    return y.to(x.dtype).contiguous()
+    fmt = torch.channels_last if _out_channels_last(x, channels_last) else torch.contiguous_format
+    return y.to(x.dtype).contiguous(memory_format=fmt)
+
+
+def _out_channels_last(x: torch.Tensor, channels_last: bool | None) -> bool:
+    if channels_last is not None:
+        if not isinstance(channels_last, bool):
+            raise TypeError(f"{_OP}: channels_last must be a bool or None, got {channels_last!r}")
+        return channels_last
+    return (x.shape[1] == 1 or x.stride(1) == 1) and not x.is_contiguous()
 
 
 def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from genie.graph import CONST, INPUT, SOURCE_OPS, Graph, Node, Ref, TensorMeta, map_refs
@@ -30,12 +30,31 @@ class FusedCall:
     module: str = ""
 
 
-def _contiguous(m: TensorMeta) -> TensorMeta:
-    stride, acc = [], 1
-    for s in reversed(m.shape):
-        stride.append(acc)
-        acc *= max(s, 1)
-    return TensorMeta(m.shape, tuple(reversed(stride)), m.dtype, 0)
+def _contiguous(m: TensorMeta, order: Sequence[int] | None = None) -> TensorMeta:
+    """``m`` laid out densely, innermost dimension last in ``order`` (default: row-major)."""
+    order = range(len(m.shape)) if order is None else order
+    stride, acc = [0] * len(m.shape), 1
+    for d in reversed(order):
+        stride[d] = acc
+        acc *= max(m.shape[d], 1)
+    return TensorMeta(m.shape, tuple(stride), m.dtype, 0)
+
+
+# Fused convs run channels-last (NHWC): the kernel's fast layout. A chain of them then stays NHWC,
+# since the elementwise ops between them keep their input's layout.
+_CHANNELS_LAST = (0, 2, 3, 1)
+
+
+def _fused_kwargs(c: FusedCall) -> dict[str, Any]:
+    if c.op == "genie.conv2d_bn_act":
+        return {**c.kwargs, "channels_last": True}
+    return c.kwargs
+
+
+def _fused_meta(c: FusedCall, m: TensorMeta) -> TensorMeta:
+    if c.op == "genie.conv2d_bn_act" and len(m.shape) == 4:
+        return _contiguous(m, _CHANNELS_LAST)
+    return _contiguous(m)
 
 
 def _refs_in(value: Any) -> list[Ref]:
@@ -94,6 +113,68 @@ def why_not_fusable(g: Graph, call: FusedCall) -> str:
     return ""
 
 
+def _removed(g: Graph, calls: Sequence[FusedCall]) -> set[int]:
+    """Members other than roots, plus what only fed them (a causal mask's ``ones``/``tril``)."""
+    member_of = {m for c in calls for m in c.members}
+    removed = member_of - {c.root for c in calls}
+    kept_alive = {r.node for c in calls for r in _refs_in((c.args, tuple(c.kwargs.values())))}
+    outputs = {r.node for r in g.outputs}
+    for n in reversed(g.nodes):
+        users = g.users[n.id]
+        if (n.id not in member_of and n.id not in kept_alive and n.id not in outputs and users
+                and n.op != INPUT and not n.writes and all(u in removed for u in users)):
+            removed.add(n.id)
+    return removed
+
+
+class _Rewrite:
+    """The new node list being built, and where each source value went."""
+
+    def __init__(self, g: Graph) -> None:
+        self.g = g
+        self.ref_map: dict[Ref, Ref] = {}
+        self.new_id = [-1] * len(g.nodes)
+        self.nodes: list[Node] = []
+
+    def fix(self, r: Ref) -> Ref:
+        hit = self.ref_map.get(r)
+        if hit is not None:
+            return hit
+        nid = self.new_id[r.node]
+        assert nid >= 0, f"fuse: %{r.node} was removed but is still read"
+        return Ref(nid, r.index)
+
+    def copy(self, n: Node, **changes: Any) -> int:
+        nid = self.new_id[n.id] = len(self.nodes)
+        self.nodes.append(replace(n, **{"id": nid, "kwargs": dict(n.kwargs), **changes}))
+        return nid
+
+    def sources_of(self, args: tuple, kwargs: dict) -> None:
+        """Sources first read here are placed right before their reader."""
+        for r in _refs_in((args, tuple(kwargs.values()))):
+            src = self.g.nodes[r.node]
+            if src.op in SOURCE_OPS and self.new_id[src.id] < 0 and r not in self.ref_map:
+                self.copy(src)
+
+    def fused(self, n: Node, c: FusedCall) -> None:
+        kwargs = _fused_kwargs(c)
+        self.sources_of(c.args, kwargs)
+        value = c.replaces[0] if c.replaces else Ref(n.id, 0)
+        meta = _fused_meta(c, self.g.meta(value))
+        storage = self.g.nodes[value.node].storages[value.index]
+        nid = self.new_id[n.id] = len(self.nodes)
+        self.nodes.append(Node(nid, c.op, map_refs(c.args, self.fix),
+                               {k: map_refs(v, self.fix) for k, v in kwargs.items()}, (meta,), False,
+                               (storage,), (), c.module or n.module))
+        for r in c.replaces or (Ref(n.id, 0),):
+            self.ref_map[r] = Ref(nid, 0)
+
+    def plain(self, n: Node) -> None:
+        self.sources_of(n.args, n.kwargs)
+        self.copy(n, args=map_refs(n.args, self.fix),
+                  kwargs={k: map_refs(v, self.fix) for k, v in n.kwargs.items()})
+
+
 def fuse(g: Graph, calls: Sequence[FusedCall]) -> tuple[Graph, list[int]]:
     """The rewritten graph and, for each source node id, its id there (-1 when it was removed).
 
@@ -102,63 +183,20 @@ def fuse(g: Graph, calls: Sequence[FusedCall]) -> tuple[Graph, list[int]]:
     contiguous run that binds its inputs only when it starts (the first stage does not wait for
     an input only the last one reads).
     """
-    member_of = {m: i for i, c in enumerate(calls) for m in c.members}
-    roots = {c.root: i for i, c in enumerate(calls)}
-    removed = set(member_of) - set(roots)
-    kept_alive = {r.node for c in calls for r in _refs_in((c.args, tuple(c.kwargs.values())))}
-    outputs = {r.node for r in g.outputs}
-    for n in reversed(g.nodes):  # what only fed the removed members dies with them
-        users = g.users[n.id]
-        if (n.id not in member_of and n.id not in kept_alive and n.id not in outputs and users
-                and n.op != INPUT and not n.writes and all(u in removed for u in users)):
-            removed.add(n.id)
-    ref_map: dict[Ref, Ref] = {}
-    new_id = [-1] * len(g.nodes)
-    nodes: list[Node] = []
-
-    def fix(r: Ref) -> Ref:
-        hit = ref_map.get(r)
-        if hit is not None:
-            return hit
-        nid = new_id[r.node]
-        assert nid >= 0, f"fuse: %{r.node} was removed but is still read"
-        return Ref(nid, r.index)
-
-    def emit(n: Node, args: tuple, kwargs: dict) -> int:
-        for r in _refs_in((args, tuple(kwargs.values()))):  # sources first read here come right before
-            src = g.nodes[r.node]
-            if src.op in SOURCE_OPS and new_id[src.id] < 0 and r not in ref_map:
-                new_id[src.id] = len(nodes)
-                nodes.append(Node(len(nodes), src.op, src.args, dict(src.kwargs), src.outputs, src.multi,
-                                  src.storages, src.writes, src.module, src.seed))
-        nid = len(nodes)
-        new_id[n.id] = nid
-        return nid
-
+    roots = {c.root: c for c in calls}
+    removed = _removed(g, calls)
+    rw = _Rewrite(g)
     for n in g.nodes:
         if n.id in removed or n.op in SOURCE_OPS:
             continue
         if n.id in roots:
-            c = calls[roots[n.id]]
-            nid = emit(n, c.args, c.kwargs)
-            value = c.replaces[0] if c.replaces else Ref(n.id, 0)
-            meta = _contiguous(g.meta(value))
-            storage = g.nodes[value.node].storages[value.index]
-            kwargs = {k: map_refs(v, fix) for k, v in c.kwargs.items()}
-            nodes.append(Node(nid, c.op, map_refs(c.args, fix), kwargs, (meta,), False, (storage,), (),
-                              c.module or n.module))
-            for r in c.replaces or (Ref(n.id, 0),):
-                ref_map[r] = Ref(nid, 0)
-            continue
-        nid = emit(n, n.args, n.kwargs)
-        kwargs = {k: map_refs(v, fix) for k, v in n.kwargs.items()}
-        nodes.append(Node(nid, n.op, map_refs(n.args, fix), kwargs, n.outputs, n.multi, n.storages, n.writes,
-                          n.module, n.seed))
+            rw.fused(n, roots[n.id])
+        else:
+            rw.plain(n)
+    outputs = {r.node for r in g.outputs}
     for n in g.nodes:  # sources nothing reads: inputs keep their position, outputs their value
-        if n.op in SOURCE_OPS and new_id[n.id] < 0 and (n.op == INPUT or n.id in outputs):
-            new_id[n.id] = len(nodes)
-            nodes.append(Node(len(nodes), n.op, n.args, dict(n.kwargs), n.outputs, n.multi, n.storages,
-                              n.writes, n.module, n.seed))
-    used = {n.args[0] for n in nodes if n.op == CONST}
-    out = Graph(nodes, [fix(r) for r in g.outputs], {d: t for d, t in g.constants.items() if d in used})
-    return out, new_id
+        if n.op in SOURCE_OPS and rw.new_id[n.id] < 0 and (n.op == INPUT or n.id in outputs):
+            rw.copy(n)
+    used = {n.args[0] for n in rw.nodes if n.op == CONST}
+    out = Graph(rw.nodes, [rw.fix(r) for r in g.outputs], {d: t for d, t in g.constants.items() if d in used})
+    return out, rw.new_id
