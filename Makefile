@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.genie-installed
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint clean gpu-check
 
 setup: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
 	  $(BIN)/pip install -q torch; else $(BIN)/pip install -q torch==2.13.0; fi
-	$(BIN)/pip install -q triton trio numpy pytest pytest-trio hypothesis transformers ruff tqdm
+	$(BIN)/pip install -q triton trio numpy pytest pytest-trio hypothesis transformers ruff tqdm trustme
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
@@ -27,6 +27,10 @@ test: setup
 
 bench: setup
 	for f in bench/*.py; do $(BIN)/python $$f || exit 1; done
+
+# On a CUDA machine; offline too: PIP_NO_INDEX=1 PIP_FIND_LINKS=wheels make gpu-check (README).
+gpu-check: setup
+	bench/gpu/check.sh
 
 lint: setup
 	$(BIN)/ruff check src kernels tests bench

@@ -1,22 +1,32 @@
 """Capture cost per recorded op: cold, warm (shape cache hit), against eager and torch.fx.
 
+Rows are (model, mode): ``capture`` records under ``genie.capture()`` and also times
+``genie.get_graph()``; ``device`` records a ``model.to("remote_accelerator:0")`` forward (the path
+HF ``generate`` takes). ``warm`` is record only; ``warm+graph`` adds building the graph where one is
+asked for. The last table counts shape-cache hits for ``x + i`` with a new Python int each call.
+
     python bench/capture.py
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
 
+os.environ.setdefault("GENIE_SERVER", "inprocess")  # device-mode flushes between runs, no wire
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from _common import best_of, report  # noqa: E402
 
 import genie  # noqa: E402
 from genie.lazy import SHAPES  # noqa: E402
+from genie.lazy._lazy import current_recorder  # noqa: E402
 
 torch.set_num_threads(1)
+DEV = "remote_accelerator:0"
+TARGET_US = 8.0
 
 
 def gpt2():
@@ -28,6 +38,16 @@ def gpt2():
     return GPT2LMHeadModel(cfg).eval(), torch.randint(0, 128, (1, 16)), lambda m, x: m(x).logits
 
 
+def qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=128, max_position_embeddings=64)
+    return (Qwen2ForCausalLM(cfg).eval(), torch.randint(0, 128, (1, 16)),
+            lambda m, x: m(x, use_cache=False).logits)
+
+
 def mlp():
     torch.manual_seed(0)
     layers = []
@@ -36,56 +56,94 @@ def mlp():
     return torch.nn.Sequential(*layers).eval(), torch.randn(4, 64), lambda m, x: m(x)
 
 
-def fx_per_node(model, x) -> tuple[float, int] | None:
+def fx_per_node(model, x) -> float | str:
     try:
         t0 = time.perf_counter()
         gm = torch.fx.symbolic_trace(model)
-        dt = time.perf_counter() - t0
-        return dt, len(gm.graph.nodes)
+        return (time.perf_counter() - t0) / len(gm.graph.nodes) * 1e6
     except Exception:  # HF models are not symbolically traceable with plain fx
-        return None
+        return "n/a"
 
 
-def measure(name, build) -> dict:
-    model, x, call = build()
-    SHAPES.clear()
-
+def measure_capture(name, model, x, call) -> dict:
     def capture_once():
         with genie.capture() as rec:
             out = call(model, x)  # noqa: F841 (kept alive: it is the graph's output)
         return len(rec.history)
 
-    t0 = time.perf_counter()
+    def capture_and_graph():
+        with genie.capture():
+            out = call(model, x)  # noqa: F841
+        return genie.get_graph()
+
+    SHAPES.clear()
     n_ops = capture_once()
-    first = time.perf_counter() - t0
-    warm = best_of(capture_once, 5)
+    warm = best_of(capture_once, 7)
+    warm_graph = best_of(capture_and_graph, 7)
+    n_nodes = len(capture_and_graph().nodes)
     SHAPES.clear()  # cold cache in a warmed-up process: every op pays its meta kernel once
     t0 = time.perf_counter()
     capture_once()
     cold = time.perf_counter() - t0
-    with torch.no_grad():
-        eager = best_of(lambda: call(model, x), 5)
-    capture_once()
+    return {"model": name, "mode": "capture", "ops": n_ops, "cold_us_per_op": cold / n_ops * 1e6,
+            "warm_us_per_op": warm / n_ops * 1e6, "warm+graph_us_per_op": warm_graph / n_ops * 1e6,
+            "get_graph_us_per_node": (warm_graph - warm) / n_nodes * 1e6}
+
+
+def measure_device(name, model, x, call) -> dict:
+    model = model.to(DEV)
+    xd = x.to(DEV)
+    rec = current_recorder()
+    rec.flush()
+    times: list[float] = []
+
+    def record_once():
+        t0 = time.perf_counter()
+        out = call(model, xd)
+        times.append(time.perf_counter() - t0)
+        n = len(rec.pending)
+        del out
+        rec.flush()  # nothing wanted: not timed, keeps each run's pending list the same
+        return n
+
+    SHAPES.clear()
     t0 = time.perf_counter()
-    graph = genie.get_graph()
-    build = time.perf_counter() - t0
-    fx = fx_per_node(model, x)
-    row = {
-        "model": name, "ops": n_ops,
-        "first_in_process_us_per_op": first / n_ops * 1e6,
-        "cold_us_per_op": cold / n_ops * 1e6,
-        "warm_us_per_op": warm / n_ops * 1e6,
-        "eager_us_per_op": eager / n_ops * 1e6,
-        "get_graph_us_per_node": build / len(graph.nodes) * 1e6,
-        "warm_minus_eager_us_per_op": (warm - eager) / n_ops * 1e6,
-        "fx_us_per_node": (fx[0] / fx[1] * 1e6) if fx else "n/a",
-    }
-    return row
+    n_ops = record_once()
+    cold = times[-1]
+    for _ in range(7):
+        record_once()
+    return {"model": name, "mode": "device", "ops": n_ops, "cold_us_per_op": cold / n_ops * 1e6,
+            "warm_us_per_op": min(times[1:]) / n_ops * 1e6, "warm+graph_us_per_op": "",
+            "get_graph_us_per_node": ""}
+
+
+def measure(name, build) -> list[dict]:
+    model, x, call = build()
+    with torch.no_grad():
+        call(model, x)
+        eager = best_of(lambda: call(model, x), 7)
+        rows = [measure_capture(name, model, x, call), measure_device(name, model, x, call)]
+    for r in rows:
+        r["eager_us_per_op"] = eager / r["ops"] * 1e6
+        r["fx_us_per_node"] = fx_per_node(model, x) if r["mode"] == "capture" else ""
+    return rows
+
+
+def scalar_keys(n: int = 200) -> dict:
+    """``x + i`` with a new int each call: the output meta does not depend on ``i``."""
+    x = torch.randn(4, 4, device=DEV)
+    SHAPES.clear()
+    for i in range(n):
+        y = x + i  # noqa: F841
+    add = {"case": "x + i (new int each call)", "calls": n, "hits": SHAPES.hits, "misses": SHAPES.misses}
+    current_recorder().flush()
+    return add
 
 
 def main() -> None:
-    rows = [measure("gpt2-2layer", gpt2), measure("mlp-8x64", mlp)]
-    report("capture", rows, {"targets": {"warm_us_per_op": 10, "cold_us_per_op": 60}})
+    rows = [*measure("gpt2-2layer", gpt2), *measure("qwen2-3layer", qwen2), *measure("mlp-8x64", mlp)]
+    report("capture", rows, {"targets": {"warm_us_per_op": TARGET_US, "cold_us_per_op": 60}})
+    report("capture_scalar_keys", [scalar_keys()])
 
 
 if __name__ == "__main__":

@@ -57,8 +57,18 @@ class ServerProcess:
             self.proc.kill()
             raise RuntimeError(f"genie serve did not start: {self.proc.stderr.read().decode()[-2000:]}")
         self.port = int(m.group(2))
-        # drain stderr so a chatty server never blocks on a full pipe
-        threading.Thread(target=self.proc.stderr.read, daemon=True).start()
+        # drain stderr so a chatty server never blocks on a full pipe; keep its tail for failures
+        self._stderr = bytearray()
+        threading.Thread(target=self._drain, args=(self.proc.stderr, self._stderr), daemon=True).start()
+
+    @staticmethod
+    def _drain(pipe, tail: bytearray) -> None:
+        while chunk := pipe.read1(1 << 16):
+            tail += chunk
+            del tail[: max(0, len(tail) - (64 << 10))]
+
+    def stderr_tail(self) -> str:
+        return self._stderr.decode(errors="replace")[-4000:]
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

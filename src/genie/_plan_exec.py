@@ -6,6 +6,7 @@ interpreter, fed by the network). Synchronous; call it from a worker thread.
 Call tree::
 
     run_plan(plan, inputs, device=..., wait_input=..., on_output=...)
+      private_constants(...)   constants the program writes: its own copies, never the caller's
       StagedInterpreter(plan.graph, plan.stage_schedule(), meter=True).run(inputs)
         get_input(pos)      -> wait_input(pos), then inputs[pos]: the upload may still be arriving
         on_output(i, value) -> right after the stage that makes output i final (KV cache kept)
@@ -14,6 +15,7 @@ Call tree::
 
 from __future__ import annotations
 
+from collections import ChainMap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +23,7 @@ import torch
 
 from genie._profile import record_timeline
 from genie.semantic import ExecutionPlan
+from genie.server._job import private_constants, written_sources
 from genie.server._staged import StagedInterpreter
 
 
@@ -49,9 +52,14 @@ def run_plan(plan: ExecutionPlan, inputs: Sequence[torch.Tensor], *, device: str
         return inputs[pos]
 
     kept = {i for s in plan.stages for i in s.keep_outputs}
+    graph = plan.graph
+    constants = graph.constants if constants is None else constants
+    written, _ = written_sources(graph)
+    if written:  # constants are the caller's tensors (a capture's weights): writes go to copies
+        graph, clones = private_constants(graph, written, constants)
+        constants = ChainMap(clones, constants)
     interp = StagedInterpreter(
-        plan.graph, plan.stage_schedule(), device=torch.device(device),
-        constants=plan.graph.constants if constants is None else constants, residents=residents,
+        graph, plan.stage_schedule(), device=torch.device(device), constants=constants, residents=residents,
         get_input=get_input, on_output=on_output,
         early=[i for i in range(len(plan.graph.outputs)) if i not in kept], meter=True)
     outputs = interp.run(inputs)

@@ -1,6 +1,7 @@
 """``genie <command>``: the command line. Each subcommand is one entry in ``COMMANDS``.
 
     genie serve --host 127.0.0.1 --port 7070 --device cuda:0 --token SECRET --memory-limit 20GiB
+    genie serve --host 0.0.0.0 --token SECRET --tls-cert cert.pem --tls-key key.pem
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+
+from genie.transport._limits import LIMITS
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -23,32 +26,62 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
+def parse_seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return v
+
+
+def parse_count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive count: {text!r}")
+    return int(text)
+
+
+_LIMIT_TYPES: dict[str, Callable[[str], int | float]] = {"bytes": parse_size, "count": parse_count,
+                                                         "seconds": parse_seconds}
+
+
 # -- serve ----------------------------------------------------------------------------------------
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=7070, help="TCP port; 0 picks a free one and prints it")
     p.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 if there is one)")
     p.add_argument("--token", default=os.environ.get("GENIE_TOKEN"),
-                   help="clients must present this token (default: $GENIE_TOKEN; none: no check)")
-    p.add_argument("--memory-limit", type=parse_size, default=None,
-                   help="bytes of constants + resident values to hold (e.g. 20GiB); least recently "
-                        "used unpinned constants are evicted to stay under it")
-    p.add_argument("--max-frame", type=parse_size, default=None,
-                   help="largest message payload accepted (default 8GiB)")
+                   help="clients must present this token (default: $GENIE_TOKEN; none: no check, and "
+                        "then only a loopback --host is allowed)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without a token (any client who can reach it)")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS only")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    for name, lim in LIMITS.items():  # one flag per limit that has one: the table is in transport
+        if lim.flag is not None:
+            default = "none" if lim.default is None else lim.default
+            p.add_argument(lim.flag, dest=name, type=_LIMIT_TYPES[lim.unit], default=None,
+                           help=f"{lim.help} (default {default})")
     p.add_argument("--verbose", action="store_true", help="log connections and protocol errors")
     p.add_argument("--exit-on-stdin-eof", action="store_true", help=argparse.SUPPRESS)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from genie.server._serve import Config, run_server
-    from genie.transport import DEFAULT_MAX_FRAME
+    from genie.server._serve import Config, ConfigError, run_server
+    from genie.transport import Limits
 
     if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         print(f"genie serve: --device must be cpu or cuda:N, not {args.device!r}", file=sys.stderr)
         return 2
-    run_server(Config(host=args.host, port=args.port, device=args.device, token=args.token,
-                      memory_limit=args.memory_limit, max_frame=args.max_frame or DEFAULT_MAX_FRAME,
-                      exit_on_stdin_eof=args.exit_on_stdin_eof, verbose=args.verbose))
+    limits = Limits().replace(**{k: getattr(args, k) for k in LIMITS if hasattr(args, k)})
+    try:
+        run_server(Config(host=args.host, port=args.port, device=args.device, token=args.token, limits=limits,
+                          exit_on_stdin_eof=args.exit_on_stdin_eof, verbose=args.verbose,
+                          tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure))
+    except ConfigError as e:
+        print(f"genie serve: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

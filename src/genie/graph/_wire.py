@@ -13,15 +13,29 @@ from typing import Any
 
 import torch
 
-from genie._errors import ProtocolError
+from genie._errors import LocalProtocolError, ProtocolError
 from genie.graph._ir import Graph, Node, Ref, TensorMeta
+from genie.graph._ops import check_op
+from genie.transport._tensors import DTYPES
 
 MAGIC = b"GNG1"
-_TORCH_ENUMS = (torch.dtype, torch.memory_format, torch.layout)
 _ENUM_TAG = {torch.dtype: "dt", torch.memory_format: "mf", torch.layout: "ly"}
-_ENUM_NAMES = frozenset(
-    name for name in dir(torch) if isinstance(getattr(torch, name, None), _TORCH_ENUMS)
-)
+# What each enum tag may name. Dtypes are the wire's plain ones (a quantized dtype cannot be
+# rebuilt from bytes); sparse and other layouts have no wire form either.
+_ENUMS: dict[str, dict[str, object]] = {
+    "dt": dict(DTYPES),
+    "mf": {str(v).removeprefix("torch."): v for v in vars(torch).values()
+           if isinstance(v, torch.memory_format)},
+    "ly": {"strided": torch.strided},
+}
+
+
+def _enum_name(tag: str, v: object) -> str:
+    name = str(v).removeprefix("torch.")
+    if name not in _ENUMS[tag]:
+        raise LocalProtocolError(f"{v} cannot go in a genie graph: only plain dtypes and strided "
+                                 "layouts have a wire form")
+    return name
 
 
 def encode_value(v: Any) -> Any:
@@ -33,7 +47,8 @@ def encode_value(v: Any) -> Any:
     if t in (list, tuple, torch.Size):
         return [encode_value(x) for x in v]
     if t in _ENUM_TAG:
-        return {_ENUM_TAG[t]: str(v).removeprefix("torch.")}
+        tag = _ENUM_TAG[t]
+        return {tag: _enum_name(tag, v)}
     if t is torch.device:
         return {"dev": str(v)}
     if t is complex:
@@ -51,10 +66,11 @@ def decode_value(v: Any) -> Any:
     (tag, x), = v.items()
     if tag == "r":
         return Ref(int(x[0]), int(x[1]))
-    if tag in ("dt", "mf", "ly"):
-        if x not in _ENUM_NAMES:
-            raise ProtocolError(f"unknown torch enum {x!r} in graph")
-        return getattr(torch, x)
+    if tag in _ENUMS:
+        value = _ENUMS[tag].get(x) if type(x) is str else None
+        if value is None:
+            raise ProtocolError(f"{x!r:.40} is not a {tag!r} value genie graphs carry")
+        return value
     if tag == "dev":
         return torch.device(x)
     if tag == "c":
@@ -65,14 +81,15 @@ def decode_value(v: Any) -> Any:
 
 
 def encode_meta(m: TensorMeta) -> list:
-    return [list(m.shape), list(m.stride), str(m.dtype).removeprefix("torch."), m.offset]
+    return [list(m.shape), list(m.stride), _enum_name("dt", m.dtype), m.offset]
 
 
 def decode_meta(x: list) -> TensorMeta:
     shape, stride, dtype, offset = x
-    if dtype not in _ENUM_NAMES or not isinstance(getattr(torch, dtype), torch.dtype):
-        raise ProtocolError(f"unknown dtype {dtype!r} in graph")
-    return TensorMeta(tuple(shape), tuple(stride), getattr(torch, dtype), offset)
+    dt = DTYPES.get(dtype) if type(dtype) is str else None
+    if dt is None:
+        raise ProtocolError(f"dtype {dtype!r:.40} in graph: not a plain dtype that travels as bytes")
+    return TensorMeta(tuple(shape), tuple(stride), dt, offset)
 
 
 def _node_record(n: Node, *, for_digest: bool) -> list:
@@ -108,7 +125,9 @@ def graph_to_bytes(g: Graph, *, with_constants: bool = True) -> bytes:
     return b"".join([MAGIC, struct.pack("<I", len(head)), head, *blobs])
 
 
-def graph_from_bytes(data: bytes | memoryview) -> Graph:
+def graph_from_bytes(data: bytes | memoryview, *, max_nodes: int | None = None) -> Graph:
+    """The graph in ``data``, checked: ProtocolError when malformed or over ``max_nodes`` nodes,
+    UnsupportedOpError when a node names an op that may not run (before anything runs)."""
     data = memoryview(data)
     if bytes(data[:4]) != MAGIC or len(data) < 8:
         raise ProtocolError("not a genie graph: bad magic")
@@ -117,8 +136,11 @@ def graph_from_bytes(data: bytes | memoryview) -> Graph:
         raise ProtocolError("genie graph truncated in its header")
     try:
         header = json.loads(bytes(data[8 : 8 + hlen]))
+        records = header["nodes"]
+        if max_nodes is not None and len(records) > max_nodes:
+            raise ProtocolError(f"genie graph of {len(records)} nodes: this server takes at most {max_nodes}")
         nodes = []
-        for i, rec in enumerate(header["nodes"]):
+        for i, rec in enumerate(records):
             op, args, kwargs, outs, multi, storages, writes, *rest = rec
             module, seed = rest if rest else ("", None)
             nodes.append(Node(i, str(op), tuple(decode_value(args)),
@@ -138,8 +160,10 @@ def graph_from_bytes(data: bytes | memoryview) -> Graph:
             pos += nbytes
     except ProtocolError:
         raise
-    except (ValueError, KeyError, TypeError, IndexError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError, OverflowError) as e:
         raise ProtocolError(f"malformed genie graph: {e}") from e
+    for op in {n.op for n in nodes}:
+        check_op(op)
     for n in nodes:
         for r in n.refs():
             if not (0 <= r.node < n.id) or r.index >= len(nodes[r.node].outputs):

@@ -1,4 +1,4 @@
-"""``genie.lazy()``, ``genie.get_graph()``, ``genie.trace()`` and module-path tracking."""
+"""``genie.capture()``, ``genie.get_graph()``, ``genie.trace()`` and module-path tracking."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
 from genie.graph import Graph
@@ -29,6 +29,7 @@ def capture() -> Iterator[Recorder]:
     not recorded: the block runs under ``torch.no_grad()``.
     """
     rec = Recorder("capture")
+    _install_host_deepcopy()
     stack = capture_stack()
     stack.append(rec)
     try:
@@ -89,6 +90,32 @@ class _FactorySet:
 _FACTORY_DEVICE = _FactorySet()
 _REMOTE = "remote_accelerator:0"
 _LIFT_FRESH = torch.ops.aten.lift_fresh.default
+
+
+_deepcopy_installed = False
+
+
+def _install_host_deepcopy() -> None:
+    """``copy.deepcopy`` of a host tensor inside a capture copies it on the host, as outside one.
+
+    Its storage-level ops (an empty uint8 tensor ``set_`` onto a storage, then ``copy_``) are no
+    program: recorded, the empty would land on the remote device with a CPU storage. The copy is a
+    CPU tensor with equal bytes, so a copied module's weights are the original's constants.
+    """
+    global _deepcopy_installed
+    if _deepcopy_installed:
+        return
+    for cls in (torch.Tensor, torch.nn.Parameter):
+        original = cls.__deepcopy__
+
+        def host_deepcopy(self, memo, _original=original):
+            if capture_stack() and not isinstance(self, LazyTensor):
+                with _disable_current_modes():
+                    return _original(self, memo)
+            return _original(self, memo)
+
+        cls.__deepcopy__ = host_deepcopy
+    _deepcopy_installed = True
 
 
 def get_graph() -> Graph:

@@ -1,7 +1,9 @@
 """The ``remote_accelerator`` device: PrivateUse1 renamed, a device module, lazy factory kernels.
 
-Factory ops on the device (``empty.memory_format``, ``empty_strided``) return LazyTensors; every
-other factory (randn, zeros, arange, ``.to``) is an empty followed by an op on it, which then
+Factory ops on the device return LazyTensors: ``empty.memory_format`` and ``empty_strided`` through
+their own kernels, every other aten factory (randn, arange, triu_indices, windows: ``FACTORIES``) as
+one node of its own, and the few that cannot run remotely (``REFUSED_FACTORIES``) raise
+UnsupportedOpError saying why. ``.to(device)`` is an empty followed by a copy into it, which then
 reaches ``LazyTensor.__torch_dispatch__``.
 """
 
@@ -11,8 +13,9 @@ import types
 
 import torch
 
+from genie._errors import UnsupportedOpError
 from genie.graph import Node, TensorMeta
-from genie.graph._ops import op_name
+from genie.graph._ops import op_name, overload, registry
 from genie.lazy import _lazy
 from genie.lazy._lazy import RNG, copy_into, current_recorder, module_path, wrap
 
@@ -62,27 +65,62 @@ def _factory(op: str, args: tuple, kwargs: dict, meta_t: torch.Tensor, device) -
         return wrap(rec, node, 0, meta, device)
 
 
-# Factories whose composite kernel would fill an ``out=`` tensor it resizes (arange starts from an
-# empty of size 0): a wrapper cannot change its size, so these record one node each instead.
-_FACTORIES = (
-    "arange", "arange.start", "arange.start_step", "linspace", "logspace", "full", "zeros", "ones",
-    "rand", "randn", "randint", "randint.low", "eye", "eye.m", "scalar_tensor", "randperm",
+# Every aten factory (no tensor argument, a ``device`` argument) records one node on the device:
+# a composite kernel would fill an ``out=`` tensor it resizes (arange starts from an empty of size 0),
+# which a wrapper cannot do, and ops such as triu_indices have no composite at all. A test checks
+# this table and REFUSED_FACTORIES against the installed torch's registry, so none goes missing.
+FACTORIES = (
+    "arange", "arange.start", "arange.start_step", "range", "range.step",
+    "linspace", "logspace", "full", "zeros", "ones", "eye", "eye.m", "scalar_tensor",
+    "empty_permuted", "tril_indices", "triu_indices", "fft_fftfreq", "fft_rfftfreq",
+    "bartlett_window", "bartlett_window.periodic", "blackman_window", "blackman_window.periodic",
+    "hamming_window", "hamming_window.periodic", "hamming_window.periodic_alpha",
+    "hamming_window.periodic_alpha_beta", "hann_window", "hann_window.periodic",
+    "kaiser_window", "kaiser_window.periodic", "kaiser_window.beta",
+    "rand", "rand.generator", "randn", "randn.generator", "randint", "randint.generator",
+    "randint.low", "randint.low_generator", "randperm", "randperm.generator", "normal.float_float",
 )
+# (empty.memory_format and empty_strided have their own kernels above.) name -> why refused
+REFUSED_FACTORIES: dict[str, str] = {
+    "from_file": "it reads a file on the server",
+    "_cudnn_init_dropout_state": "cuDNN's private dropout state",
+    "_efficientzerotensor": "torch's internal zero tensor has no wire form",
+    "_empty_affine_quantized": "quantized dtypes cannot travel as bytes",
+    "_make_dep_token": "an internal token of torch.compile's effect ordering",
+    "_sparse_coo_tensor_with_dims": "sparse layouts are not supported",
+    "_sparse_compressed_tensor_with_dims": "sparse layouts are not supported",
+    "sparse_coo_tensor.size": "sparse layouts are not supported",
+}
 
 
 def _factory_kernel(func: torch._ops.OpOverload):
     name = op_name(func)
     seeded = torch.Tag.nondeterministic_seeded in func.tags
+    arg_names = {a.name for a in func._schema.arguments}
 
     def kernel(*args, **kwargs):
-        meta = func(*args, **{**kwargs, "device": "meta"})
+        gen = kwargs.pop("generator", None)
+        meta_kwargs = {**kwargs, "device": "meta"}
+        if "generator" in arg_names:  # required by name in the .generator overloads
+            meta_kwargs["generator"] = None
+        meta = func(*args, **meta_kwargs)
+        seed = None
+        if seeded:  # a generator object cannot travel: draw the remote seed from it instead
+            seed = RNG.next_seed() if gen is None else int(torch.randint(1 << 62, (1,), generator=gen))
         rec = current_recorder()
         m = TensorMeta.of(meta)
         with rec.lock:
             nid = rec.new_id()
             node = rec.add(Node(nid, name, tuple(args), dict(kwargs), (m,), storages=(nid,),
-                                module=module_path(), seed=RNG.next_seed() if seeded else None))
+                                module=module_path(), seed=seed))
             return wrap(rec, node, 0, m, torch.device(kwargs["device"]))
+
+    return kernel
+
+
+def _refused_kernel(name: str, why: str):
+    def kernel(*args, **kwargs):
+        raise UnsupportedOpError(f"aten.{name}", f"not on {DEVICE_TYPE}: {why}")
 
     return kernel
 
@@ -90,6 +128,12 @@ def _factory_kernel(func: torch._ops.OpOverload):
 def _copy_from(src, dst, non_blocking=False):
     # torch.tensor(..., device=...) copies with the Python key excluded, so it lands here
     return copy_into(torch.ops.aten.copy_.default, (dst, src), {})
+
+
+def _key(name: str) -> str:
+    """``"eye.m"`` -> its registry key ``"aten.eye.m"``."""
+    packet, _, ov = name.partition(".")
+    return f"aten.{packet}.{ov or 'default'}"
 
 
 def register() -> None:
@@ -112,8 +156,13 @@ def register() -> None:
     _lib.impl("empty.memory_format", _empty, "PrivateUse1")
     _lib.impl("empty_strided", _empty_strided, "PrivateUse1")
     _lib.impl("_copy_from", _copy_from, "PrivateUse1")
-    for name in _FACTORIES:
-        packet, _, overload = name.partition(".")
-        func = getattr(getattr(torch.ops.aten, packet), overload or "default")
-        _lib.impl(name, _factory_kernel(func), "PrivateUse1")
+    known = registry()
+    for name in FACTORIES:
+        parts = _key(name)
+        if parts in known:  # older torches lack a few
+            _lib.impl(name, _factory_kernel(overload(known[parts])), "PrivateUse1")
+    for name, why in REFUSED_FACTORIES.items():
+        if _key(name) in known:  # a sparse layout dispatches on the sparse key of the device
+            for key in ("PrivateUse1", "SparsePrivateUse1"):
+                _lib.impl(name, _refused_kernel(name, why), key)
     _registered = True

@@ -112,6 +112,17 @@ class LazyTensor(torch.Tensor):
         raise TypeError(f"can't convert {self.device} device type tensor to numpy. "
                         "Use Tensor.cpu() to copy the tensor to host memory first.")
 
+    def __deepcopy__(self, memo: dict) -> LazyTensor:
+        """A recorded clone (torch's deepcopy would copy the recorder, locks and all)."""
+        hit = memo.get(id(self))
+        if hit is None:
+            with torch.no_grad():
+                hit = self.clone()
+            if isinstance(self, torch.nn.Parameter):  # a remote module's weight stays a Parameter
+                hit = torch.nn.Parameter(hit, self.requires_grad)
+            memo[id(self)] = hit
+        return hit
+
     def __reduce_ex__(self, protocol: int) -> Any:
         return (torch.as_tensor, (self.cpu(),))
 
@@ -225,11 +236,7 @@ def host_tensor_node(rec: Recorder, t: torch.Tensor) -> Node:
     if t.device.type != "cpu":
         raise _device_error(torch.device("remote_accelerator:0"), t.device)
     if rec.mode == "trace" or t.dim() == 0 or isinstance(t, torch.nn.Parameter) or id(t) in rec.weight_ids:
-        digest = _digest_cached(t)
-        node = rec.const_cache.get(digest)
-        if node is None:
-            node = rec.const_cache[digest] = rec.const_node(t, digest)
-        return node
+        return rec.weight_node(t, _digest_cached)  # one node per tensor, not per content
     return rec.input_node(t)
 
 

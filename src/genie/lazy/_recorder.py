@@ -1,27 +1,45 @@
 """The Recorder: pending nodes of one thread or one capture, and how they become a Graph and run.
 
 A LazyTensor names ``(node, index)``. Until it runs, a node is pending. A flush turns the pending
-nodes that matter (those reaching a wanted or still-alive tensor, and writes to storages those
-read) into a Graph, runs it, and rebinds every live tensor to a RESIDENT node: its value stays on
-the executor under a handle and the next graph reads it from there.
+nodes that matter (those reaching a wanted or still-alive tensor, writes to storages those read,
+and writes to storages a live tensor holds, such as a module buffer's running stats) into a Graph,
+runs it, and rebinds every live tensor to a RESIDENT node: its value stays on the executor under a
+handle and the next graph reads it from there.
+
+Identity is by tensor, never by content: two buffers with equal bytes are two CONST nodes (the
+content digest only spares uploading the bytes twice).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
 
 from genie._errors import GenieError
-from genie.graph import CONST, INPUT, RESIDENT, Graph, Node, Ref, TensorMeta, map_refs
+from genie.graph import (
+    CONST,
+    INPUT,
+    RESIDENT,
+    UNDECLARED_ALIASES,
+    Graph,
+    Node,
+    Ref,
+    TensorMeta,
+    map_refs,
+    undeclared_writes,
+)
+from genie.graph._alias import UNDECLARED_WRITES as _UNDECLARED_WRITES
 from genie.runtime import backend
 
 FAILED = "genie.failed"  # a value lost with a run that failed; never sent
+_UNSAID = frozenset(UNDECLARED_ALIASES) | frozenset(_UNDECLARED_WRITES)
 
 if TYPE_CHECKING:
     from genie.lazy._lazy import LazyTensor
@@ -55,9 +73,12 @@ class Recorder:
         self._origin: dict[int, Ref] = {}  # RESIDENT node id -> the value it stands for
         self._ids = itertools.count(1)
         self.weight_ids: set[int] = set()  # id() of module buffers seen in a capture: weights
-        self.const_cache: dict[str, Node] = {}  # digest -> CONST node (capture modes)
+        self.const_cache: dict[int, tuple[torch.Tensor, Node]] = {}  # id(weight) -> it, its CONST node
         self.imports: dict[tuple[int, int], tuple[Node, Node]] = {}  # foreign value -> local node
-        self._const_live: dict[int, list[weakref.ref]] = {}  # storage -> CONST-bound tensors
+        # storage -> tensors bound to a CONST or RESIDENT node of it (module buffers, a KV cache):
+        # a pending write to one of these storages runs even if nothing reads its result
+        self._held: dict[int, dict[int, weakref.ref]] = {}  # storage -> id(tensor) -> tensor
+        self._held_pruned = 0
         self._created: list[weakref.ref] = []  # capture modes: every tensor made, for outputs
         self.module_path = ""
 
@@ -69,20 +90,59 @@ class Recorder:
         if node.op in (CONST, INPUT, RESIDENT):
             self._sources[node.id] = node
         else:
+            if node.op in _UNSAID:
+                self._undeclared_effects(node)
             self.pending.append(node)
         if self.history is not None:
             self.history.append(node)
         return node
+
+    def _undeclared_effects(self, node: Node) -> None:
+        """Writes and views the op's schema does not declare (``genie.graph`` keeps the table the
+        server derives writes from): batch norm's running stats, ``_unsafe_view``, ``set_``."""
+        writes = tuple(s for s in map(self._storage_of, undeclared_writes(node)) if s is not None)
+        if writes:
+            node.writes = tuple(dict.fromkeys((*node.writes, *writes)))
+        positions = UNDECLARED_ALIASES.get(node.op)
+        if positions is not None and node.storages and positions[0] < len(node.args):
+            base = node.args[positions[0]]
+            s = self._storage_of(base) if type(base) is Ref else None
+            if s is not None:
+                node.storages = (s, *node.storages[1:])
+
+    def _storage_of(self, r: Ref) -> int | None:
+        node = self._sources.get(r.node)
+        if node is None:
+            node = next((n for n in reversed(self.pending) if n.id == r.node), None)
+        return node.storages[r.index] if node is not None and r.index < len(node.storages) else None
 
     def track(self, t: LazyTensor) -> None:
         node = t._node
         wr = weakref.ref(t)
         if node.op not in (CONST, INPUT, RESIDENT):
             self._live.setdefault(node.id, []).append(wr)
-        elif node.op == CONST:  # kept by a flush that writes to it: constants are shared
-            self._const_live.setdefault(node.storages[0], []).append(wr)
+        else:
+            self._hold(t)
         if self.history is not None:
             self._created.append(wr)
+
+    def _hold(self, t: LazyTensor) -> None:
+        node = t._node
+        if node.op in (CONST, RESIDENT):
+            s = node.storages[t._index]
+            held = self._held.get(s)
+            if held is None:
+                held = self._held[s] = {}
+            held[id(t)] = weakref.ref(t)
+
+    def weight_node(self, t: torch.Tensor, digest_of: Callable[[torch.Tensor], str]) -> Node:
+        """The CONST node of weight ``t`` in a capture: one per tensor, whatever its bytes."""
+        hit = self.const_cache.get(id(t))
+        if hit is not None and hit[0] is t:
+            return hit[1]
+        node = self.const_node(t, digest_of(t))
+        self.const_cache[id(t)] = (t, node)
+        return node
 
     def const_node(self, t: torch.Tensor, digest: str | None = None) -> Node:
         digest = digest or content_digest(t)
@@ -110,12 +170,13 @@ class Recorder:
     def flush(self, wanted: Iterable[LazyTensor] = (), extra: Iterable[Ref] = ()) -> tuple[list, list]:
         """Run what is pending; fetch ``wanted`` to CPU; keep ``extra`` and live tensors remote.
 
-        Returns (fetched CPU tensors, metas of ``extra``) and leaves nothing pending.
+        Returns (fetched CPU tensors, (RESIDENT node, meta) of each ``extra``) and leaves nothing
+        pending.
         """
         with self.lock:
             wanted = list(wanted)
             extra = list(extra)
-            live = self._live_refs()
+            live, held = self._live_refs()
             fetch_refs = [Ref(t._node.id, t._index) for t in wanted]
             keep_refs = [r for r in itertools.chain(extra, live) if r not in fetch_refs] + \
                 [r for r in fetch_refs if r in live]
@@ -126,7 +187,7 @@ class Recorder:
             for t in wanted:
                 if t._node.op == FAILED:
                     raise GenieError(t._node.args[0])
-            graph, inputs = build_graph(self.pending, nodes, roots, self.input_tensors)
+            graph, inputs = build_graph(self.pending, nodes, roots, self.input_tensors, held=held)
             pos = {r: i for i, r in enumerate(roots)}
             try:
                 result = backend().run(graph, inputs, fetch=[pos[r] for r in fetch_refs],
@@ -147,6 +208,7 @@ class Recorder:
                     t = wr()
                     if t is not None:
                         t._node, t._index = rebound[r], 0
+                        self._hold(t)
             self.pending.clear()
             self._live.clear()
             self._sources.clear()  # sources are registered again when a new node reads them
@@ -174,21 +236,35 @@ class Recorder:
         self._live.clear()
         self._sources.clear()
 
-    def _live_refs(self) -> dict[Ref, list[weakref.ref]]:
+    def _live_refs(self) -> tuple[dict[Ref, list[weakref.ref]], set[int]]:
+        """Pending values still referenced, and the storages of CONST/RESIDENT-bound tensors still
+        referenced that pending nodes write to: those writes must run."""
         live: dict[Ref, list[weakref.ref]] = {}
         for nid, refs in self._live.items():
             for wr in refs:
                 t = wr()
                 if t is not None and t._node.id == nid:
                     live.setdefault(Ref(nid, t._index), []).append(wr)
-        # A constant the program writes to is copied on the executor; whoever still holds it
-        # must read the written copy from now on, so it is kept like any live value.
-        for storage in {s for n in self.pending for s in n.writes} & self._const_live.keys():
-            alive = [wr for wr in self._const_live.pop(storage) if wr() is not None]
-            for wr in alive:
+        held: set[int] = set()
+        for storage in {s for n in self.pending for s in n.writes} & self._held.keys():
+            for wr in list(self._held[storage].values()):
                 t = wr()
-                live.setdefault(Ref(t._node.id, t._index), []).append(wr)
-        return live
+                if t is None:
+                    continue
+                node = t._node
+                if node.op not in (CONST, RESIDENT) or node.storages[t._index] != storage:
+                    continue  # rebound since
+                held.add(storage)
+                # A constant the program writes to is copied on the executor; whoever still holds
+                # it must read the written copy from now on, so it is kept like any live value. A
+                # resident is written in place: running the write is enough.
+                if node.op == CONST:
+                    live.setdefault(Ref(node.id, t._index), []).append(wr)
+        if len(self._held) > 2 * self._held_pruned + 64:  # drop tensors and storages long gone
+            alive = ((s, {k: wr for k, wr in d.items() if wr() is not None}) for s, d in self._held.items())
+            self._held = {s: d for s, d in alive if d}
+            self._held_pruned = len(self._held)
+        return live, held
 
     def _constants_of(self, graph: Graph) -> dict[str, torch.Tensor]:
         return {n.args[0]: self.constants[n.args[0]] for n in graph.nodes if n.op == CONST}
@@ -214,8 +290,8 @@ def _rewrite_origins(n: Node, origin: dict[int, Ref]) -> Node:
     if not origin or not any(r.node in origin for r in n.refs()):
         return n
     fix = lambda r: origin.get(r.node, r) if r.index == 0 else r
-    return Node(n.id, n.op, map_refs(n.args, fix), {k: map_refs(v, fix) for k, v in n.kwargs.items()},
-                n.outputs, n.multi, n.storages, n.writes, n.module, n.seed)
+    return dataclasses.replace(n, args=map_refs(n.args, fix),
+                               kwargs={k: map_refs(v, fix) for k, v in n.kwargs.items()})
 
 
 def build_graph(
@@ -225,15 +301,17 @@ def build_graph(
     input_tensors: list[torch.Tensor],
     *,
     keep_inputs: bool = False,
+    held: Iterable[int] = (),
 ) -> tuple[Graph, list[torch.Tensor]]:
     """Select what ``roots`` need from ``program``, renumber densely, and name storages by order.
 
-    A node is needed when a needed node reads it, or when it writes a storage that a root or a
-    later needed node reads: dropping it would change what those see.
+    A node is needed when a needed node reads it, or when it writes a storage that a root, a later
+    needed node or a ``held`` storage (one a live tensor holds) reads: dropping it would change what
+    those see.
     """
     storage_of = lambda r: nodes[r.node].storages[r.index] if nodes[r.node].storages else None
     needed: set[int] = {r.node for r in roots}
-    storages = {storage_of(r) for r in roots}
+    storages = {storage_of(r) for r in roots} | set(held)
     for n in reversed(program):
         if n.id in needed or any(s in storages for s in n.writes):
             needed.add(n.id)
@@ -259,9 +337,9 @@ def build_graph(
             args = map_refs(n.args, fix)
             kwargs = {k: map_refs(v, fix) for k, v in n.kwargs.items()}
         renumber[n.id] = len(out)
-        out.append(Node(len(out), n.op, args, kwargs, n.outputs, n.multi,
-                        tuple(sid(s) for s in n.storages), tuple(sid(s) for s in n.writes),
-                        n.module, n.seed))
+        out.append(dataclasses.replace(n, id=len(out), args=args, kwargs=kwargs,
+                                       storages=tuple(sid(s) for s in n.storages),
+                                       writes=tuple(sid(s) for s in n.writes)))
 
     program_ids = {n.id for n in program}
     for n in program:

@@ -2,19 +2,27 @@
 
 The only place on the client that sees a socket. Call tree::
 
-    await Connection.open(host, port, token, stats)   connect; hello -> welcome (or refusal)
+    await Connection.open(host, port, token, stats, tls)   connect (+ TLS handshake); hello ->
+                                                      welcome (or refusal)
     await nursery.start(conn.run)                     then, as tasks of the owner's loop:
       read_loop()      frames -> the waiter of their id (recv_into for bulk payloads); a ``part``
                      (an output sent as its stage ended) is kept on the waiter until the result
       write_loop()     posted messages -> socket, in post order
       free_loop()      frees not carried by a run go out on their own after FREE_DELAY
-      watchdog()       ping a quiet server; after DEAD_AFTER of silence it is lost
+      watchdog()       ping a quiet server; after DEAD_AFTER of silence it is lost; while
+                       ``holds_values()`` says values are kept there, ping every KEEPALIVE
+                       seconds so the server's idle timeout never frees them
     conn.post(msg) -> Waiter      enqueue, without a checkpoint: post order is wire order
-    await conn.wait(waiter)       the reply; a remote error is raised here as its Genie exception
+    await conn.wait(waiter)       the reply; a remote error is raised here as its Genie exception;
+                                  a caller cancelled while waiting for a run posts ``cancel``
 
 When the link breaks, every waiter gets ConnectionLostError at once and the connection is closed for
-good; the owner opens a new one. A request whose caller was cancelled still gets its reply: the
-waiter's ``orphan`` callback then releases what the reply holds (the handles of a run).
+good; the owner opens a new one. A request whose caller was cancelled still gets its reply (a run:
+``cancel`` tells the server to stop it, and the reply is an error then, or its result if it had
+finished): the waiter's ``orphan`` callback releases what a result holds (the handles of a run).
+
+Bytes move through ``genie.transport``'s I/O helper, over a plain socket (payloads land by
+``recv_into``) or a ``trio.SSLStream`` when ``tls`` is given (see ``tls_context``).
 """
 
 from __future__ import annotations
@@ -23,35 +31,39 @@ import itertools
 import math
 import os
 import socket
+import ssl
 import time
 from collections.abc import Callable
 
 import torch
 import trio
 
-from genie._errors import (
-    AuthenticationError,
-    ConnectionLostError,
-    GenieError,
-    LocalProtocolError,
-    RemoteExecutionError,
-    RemoteMemoryError,
-    RemoteProtocolError,
-    UnsupportedOpError,
-)
+from genie._errors import ConnectionLostError, LocalProtocolError, RemoteProtocolError
 from genie._profile import active as profiling
 from genie._profile import record
 from genie.runtime._backend import Stats
-from genie.transport import CLIENT, CLOSED, NEED_DATA, VERSION, BufferPool, Message, Protocol
+from genie.transport import (
+    CLIENT,
+    GONE,
+    VERSION,
+    BufferPool,
+    Message,
+    Protocol,
+    close_now,
+    error_from_message,
+    receive_message,
+    send_now,
+    send_parts,
+    writable_now,
+)
 
-RECV_SIZE = 256 << 10
-COALESCE = 64 << 10
-SEND_CHUNK = 8 << 20  # progress granularity of big buffers
+TLS = bool | str | os.PathLike | ssl.SSLContext | None  # what ``tls=`` may be
 FREE_DELAY = 0.05
+SMALL_FRAME = 32 << 10  # payload bytes of a frame written at once by its poster (see _send_now)
 PING_AFTER = float(os.environ.get("GENIE_PING_AFTER", "5"))
 DEAD_AFTER = float(os.environ.get("GENIE_DEAD_AFTER", "30"))
+KEEPALIVE = float(os.environ.get("GENIE_KEEPALIVE", "60"))  # well under the server's --idle-timeout
 BUFFERS = BufferPool()  # reply payloads, reused once their tensors are gone (one pool per process)
-_GONE = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 _UPLOADS: dict[str, Callable[[Message], str]] = {  # span names of what a profile sees go out
     "input": lambda m: f"upload input {m['input']}",
     "run": lambda m: f"send run {m['id']}",
@@ -59,36 +71,34 @@ _UPLOADS: dict[str, Callable[[Message], str]] = {  # span names of what a profil
 }
 
 
-class MissingOnServerError(GenieError):
-    """The server lacks constants a run named (evicted since): the client uploads and retries."""
+def tls_context(tls: TLS) -> ssl.SSLContext | None:
+    """The client's TLS context for ``tls=``: None or False: plain TCP; True: verify the server
+    against the system's CAs; a path: against that CA bundle (PEM); an SSLContext: used as it is.
+    The server's certificate must name the host connected to."""
+    if tls is None or tls is False:
+        return None
+    if isinstance(tls, ssl.SSLContext):
+        return tls
+    if tls is True:
+        return ssl.create_default_context()
+    if isinstance(tls, (str, os.PathLike)):
+        try:
+            return ssl.create_default_context(cafile=os.fspath(tls))
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"tls=: cannot load the CA bundle {os.fspath(tls)!r}: {e}") from e
+    raise TypeError(f"tls= must be True, a CA bundle path or an ssl.SSLContext, not {type(tls).__name__}")
 
-    def __init__(self, digests: list[str], plan: str | None = None) -> None:
-        self.digests = digests
-        self.plan = plan  # a stage schedule's plan key the server no longer holds
-        also = " and a stage schedule" if plan else ""
-        super().__init__(f"server lacks {len(digests)} constant(s){also}")
 
-
-def remote_error(msg: Message) -> Exception:
-    """The Genie exception for an ``error`` reply."""
-    kind, text, op = msg["kind"], msg["message"], msg.get("op", "")
-    if kind == "execution":
-        return RemoteExecutionError(text, op=op, remote_traceback=msg.get("traceback", ""))
-    if kind == "unsupported":
-        return UnsupportedOpError(op or "?", text)
-    if kind == "memory":
-        return RemoteMemoryError(text)
-    if kind == "missing":
-        plan = msg.get("plan")
-        return MissingOnServerError([d for d in msg.get("missing", []) if isinstance(d, str)],
-                                    plan if isinstance(plan, str) else None)
-    if kind == "auth":
-        return AuthenticationError(f"the genie server refused the connection: {text}")
-    return RemoteProtocolError(f"the genie server reports a protocol error: {text}")
+def tls_from_env(value: str | None) -> TLS:
+    """``GENIE_TLS``: unset, empty or 0/false/no: plain; 1/true/yes: system CAs; else a CA bundle path."""
+    v = (value or "").strip()
+    if v.lower() in ("", "0", "false", "no"):
+        return None
+    return True if v.lower() in ("1", "true", "yes") else v
 
 
 class Waiter:
-    __slots__ = ("event", "reply", "error", "orphan", "abandoned", "parts")
+    __slots__ = ("event", "reply", "error", "orphan", "abandoned", "parts", "cancel_id", "notify")
 
     def __init__(self, orphan: Callable[[Message], None] | None) -> None:
         self.event = trio.Event()
@@ -96,13 +106,23 @@ class Waiter:
         self.error: BaseException | None = None
         self.orphan = orphan
         self.abandoned = False
+        self.cancel_id = 0  # a run's id: cancelled on the server if its caller stops waiting
         self.parts: dict[int, Message] = {}  # fetch position -> its ``part``, before the result
+        # called (in this loop, once) as the reply or error lands: a blocked thread is woken from
+        # here directly, with no task of this loop in between
+        self.notify: Callable[[], None] | None = None
+
+    def done(self) -> None:
+        self.event.set()
+        if self.notify is not None:
+            notify, self.notify = self.notify, None
+            notify()
 
 
 class Connection:
-    def __init__(self, sock: trio.socket.SocketType, proto: Protocol, welcome: Message, stats: Stats,
-                 address: str, clock_offset: int = 0) -> None:
-        self.sock = sock
+    def __init__(self, stream: trio.socket.SocketType | trio.SSLStream, proto: Protocol, welcome: Message,
+                 stats: Stats, address: str, clock_offset: int = 0) -> None:
+        self.stream = stream
         self.clock_offset = clock_offset  # server perf_counter_ns minus ours (estimated at hello)
         self.proto = proto
         self.device = welcome["device"]
@@ -114,43 +134,61 @@ class Connection:
         self._ids = itertools.count(1)
         self._waiters: dict[int, Waiter] = {}
         self._outbox, self._outbox_recv = trio.open_memory_channel[tuple](math.inf)
+        self._queued = 0  # outbox items not yet written: a frame may skip the queue only when 0
+        self._raw = writable_now(stream)
         self._frees: list[int] = []
         self._frees_posted = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._last_io = trio.current_time()
+        self.holds_values: Callable[[], bool] = lambda: False  # set by the owner
 
     # -- opening --------------------------------------------------------------------------------
     @classmethod
-    async def open(cls, host: str, port: int, token: str, stats: Stats) -> Connection:
+    async def open(cls, host: str, port: int, token: str, stats: Stats,
+                   tls: ssl.SSLContext | None = None) -> Connection:
         address = f"{host}:{port}"
         sock = trio.socket.socket(trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET,
                                   trio.socket.SOCK_STREAM)
+        stream: trio.socket.SocketType | trio.SSLStream = sock
+        mismatch = ("the server may speak TLS: connect with tls=" if tls is None else
+                    "the server may not serve TLS (genie serve --tls-cert/--tls-key)")
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             await sock.connect((host, port))
+            if tls is not None:
+                # a peer that vanishes without close_notify has simply gone: the framing already
+                # refuses a frame cut short
+                stream = trio.SSLStream(trio.SocketStream(sock), tls, server_hostname=host,
+                                        https_compatible=True)
+                await _tls_handshake(stream, address, mismatch)
             proto = Protocol(CLIENT, allocate=BUFFERS.allocate)
             asked = time.perf_counter_ns()
-            await _send(sock, proto.send(Message("hello", {"version": VERSION, "token": token or ""})))
-            reply = await _receive(sock, proto, None)
+            await send_parts(stream, proto.send(Message("hello", {"version": VERSION, "token": token or ""})))
+            reply = await receive_message(stream, proto)
             answered = time.perf_counter_ns()
-        except _GONE as e:
+        except GONE as e:
             sock.close()
             raise ConnectionLostError(f"cannot reach the genie server at {address}: {e}") from e
+        except RemoteProtocolError as e:
+            sock.close()
+            raise RemoteProtocolError(f"the peer at {address} does not answer as a genie server ({e}); "
+                                      f"{mismatch}") from e
         except BaseException:
             sock.close()
             raise
         if reply is None or reply.kind == "error":
             sock.close()
             if reply is None:
-                raise ConnectionLostError(f"the genie server at {address} closed the connection")
-            raise remote_error(reply)
+                raise ConnectionLostError(f"the genie server at {address} closed the connection during "
+                                          f"the greeting; {mismatch}")
+            raise error_from_message(reply)
         stats.bytes_sent += proto.bytes_sent
         stats.bytes_received += proto.bytes_received
         stats.round_trips += 1
         clock = reply.get("clock")  # the server's clock at welcome: roughly mid-way through the hello
         offset = clock - (asked + answered) // 2 if type(clock) is int else 0
-        return cls(sock, proto, reply, stats, address, offset)
+        return cls(stream, proto, reply, stats, address, offset)
 
     # -- running --------------------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -169,7 +207,7 @@ class Connection:
     async def _guard(self, loop: Callable) -> None:
         try:
             await loop()
-        except _GONE as e:
+        except GONE as e:
             self._lose(ConnectionLostError(f"lost the genie server at {self.address}: {e}"))
         except (RemoteProtocolError, ConnectionLostError) as e:
             self._lose(e)
@@ -182,13 +220,13 @@ class Connection:
         """Fail everything in flight with ``exc`` and close; later calls must open a new one."""
         if not self.closed:
             self.closed, self.error = True, exc
-            self.sock.close()
+            close_now(self.stream)
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
         waiters, self._waiters = self._waiters, {}
         for w in waiters.values():
             w.error = exc
-            w.event.set()
+            w.done()
 
     def close(self) -> None:
         self._lose(ConnectionLostError("the connection to the genie server was closed by this process"))
@@ -209,28 +247,71 @@ class Connection:
             req_id = next(self._ids)
             msg.fields["id"] = req_id
             waiter = self._waiters[req_id] = Waiter(orphan)
+            if msg.kind == "run":
+                waiter.cancel_id = req_id
         if msg.kind == "run" and self._frees:
             msg.fields["frees"], self._frees = self._frees, []
+        if not self._queued and on_sent is None and self._send_now(msg, waiter, size):
+            return waiter
+        self._queued += 1
         self._outbox.send_nowait((msg, waiter, on_sent))
         return waiter
+
+    def _send_now(self, msg: Message, waiter: Waiter | None, size: int) -> bool:
+        """Nothing is queued before it: write a small frame straight away, from this task, rather
+        than through the write task (a pass of the loop). What the socket does not take at once goes
+        first in the outbox. False: the write task must take the whole message."""
+        raw = self._raw
+        if raw is None or size > SMALL_FRAME:
+            return False
+        try:
+            parts = self.proto.send(msg)
+        except LocalProtocolError as e:  # nothing was written: only this request fails
+            if waiter is not None:
+                self._waiters.pop(msg.fields["id"], None)
+                waiter.error = e
+                waiter.done()
+            return True
+        rest = send_now(raw, parts)
+        if msg.kind != "ping":
+            self._touch()
+        self.stats.bytes_sent += msg.nbytes
+        if rest:
+            self._queued += 1
+            self._outbox.send_nowait((rest, None, None))
+        return True
 
     async def wait(self, waiter: Waiter) -> Message:
         try:
             await waiter.event.wait()
         except trio.Cancelled:
-            reply = waiter.reply
-            if reply is not None and reply.kind == "result" and waiter.orphan is not None:
-                waiter.orphan(reply)
-            waiter.abandoned = True
+            self.abandon(waiter)
             raise
+        return self.outcome(waiter)
+
+    def outcome(self, waiter: Waiter) -> Message:
+        """The reply of a waiter that is done; its error, or the server's, raised."""
         if waiter.error is not None:
             raise waiter.error
         reply = waiter.reply
         assert reply is not None
         self.stats.round_trips += 1
         if reply.kind == "error":
-            raise remote_error(reply)
+            raise error_from_message(reply)
         return reply
+
+    def abandon(self, waiter: Waiter) -> None:
+        """Its caller stopped waiting: a result's values are let go, a run still going is cancelled."""
+        if waiter.abandoned:
+            return
+        waiter.notify = None
+        reply = waiter.reply
+        if reply is not None and reply.kind == "result" and waiter.orphan is not None:
+            waiter.orphan(reply)
+        elif reply is None and waiter.error is None and waiter.cancel_id and not self.closed:
+            # stop the server's work too; its reply still comes, and is dropped as abandoned
+            self.post(Message("cancel", {"id": waiter.cancel_id}), reply=False)
+        waiter.abandoned = True
 
     async def request(self, msg: Message) -> Message:
         waiter = self.post(msg)
@@ -247,7 +328,7 @@ class Connection:
     # -- tasks ----------------------------------------------------------------------------------
     async def read_loop(self) -> None:
         while True:
-            msg = await _receive(self.sock, self.proto, self._touch)
+            msg = await receive_message(self.stream, self.proto, self._touch)
             if msg is None:
                 raise ConnectionLostError(f"the genie server at {self.address} closed the connection")
             self.stats.bytes_received += msg.nbytes
@@ -263,7 +344,7 @@ class Connection:
                     w.parts[msg["output"]] = msg
                 continue
             if msg.kind == "error" and req_id == 0:
-                raise remote_error(msg) if msg["kind"] == "protocol" else \
+                raise error_from_message(msg) if msg["kind"] == "protocol" else \
                     ConnectionLostError(f"the genie server closed the connection: {msg['message']}")
             w = self._waiters.pop(req_id, None)
             if w is None:
@@ -273,24 +354,34 @@ class Connection:
                     w.orphan(msg)
                 continue
             w.reply = msg
-            w.event.set()
+            w.done()
 
     async def write_loop(self) -> None:
         async for msg, waiter, on_sent in self._outbox_recv:
             try:
-                parts = self.proto.send(msg)
-            except LocalProtocolError as e:  # nothing was written: only this request fails
-                if waiter is not None:
-                    self._waiters.pop(msg.fields["id"], None)
-                    waiter.error = e
-                    waiter.event.set()
-                continue
-            # sending counts as life (a slow link's long upload), but not our own pings
-            t0 = time.perf_counter_ns()
-            await _send(self.sock, parts, None if msg.kind == "ping" else self._touch, on_sent)
-            self.stats.bytes_sent += msg.nbytes
-            if msg.buffers and msg.kind in _UPLOADS and profiling():
-                record(_UPLOADS[msg.kind](msg), "upload", t0, time.perf_counter_ns())
+                await self._write(msg, waiter, on_sent)
+            finally:
+                self._queued -= 1
+
+    async def _write(self, msg: Message | memoryview, waiter: Waiter | None,
+                     on_sent: Callable[[int], None] | None) -> None:
+        if isinstance(msg, memoryview):  # the rest of a frame ``_send_now`` began
+            await send_parts(self.stream, [msg], self._touch)
+            return
+        try:
+            parts = self.proto.send(msg)
+        except LocalProtocolError as e:  # nothing was written: only this request fails
+            if waiter is not None:
+                self._waiters.pop(msg.fields["id"], None)
+                waiter.error = e
+                waiter.done()
+            return
+        # sending counts as life (a slow link's long upload), but not our own pings
+        t0 = time.perf_counter_ns()
+        await send_parts(self.stream, parts, None if msg.kind == "ping" else self._touch, on_sent)
+        self.stats.bytes_sent += msg.nbytes
+        if msg.buffers and msg.kind in _UPLOADS and profiling():
+            record(_UPLOADS[msg.kind](msg), "upload", t0, time.perf_counter_ns())
 
     async def free_loop(self) -> None:
         while True:
@@ -303,10 +394,13 @@ class Connection:
 
     async def watchdog(self) -> None:
         while True:
-            await trio.sleep(min(PING_AFTER, DEAD_AFTER) / 2)
-            if not self._waiters:
-                continue
+            await trio.sleep(min(PING_AFTER, DEAD_AFTER, KEEPALIVE) / 2)
             quiet = trio.current_time() - self._last_io
+            if not self._waiters:
+                if quiet > KEEPALIVE and self.holds_values():
+                    self._touch()  # one keepalive per period; its pong is not awaited
+                    self.post(Message("ping", {"id": next(self._ids)}), reply=False)
+                continue
             if quiet > DEAD_AFTER:
                 raise ConnectionLostError(f"the genie server at {self.address} has not answered for "
                                           f"{quiet:.0f} s")
@@ -317,49 +411,14 @@ class Connection:
         self._last_io = trio.current_time()
 
 
-async def _send(sock: trio.socket.SocketType, parts: list, touch: Callable[[], None] | None = None,
-                on_sent: Callable[[int], None] | None = None) -> None:
-    """Write one frame's parts: small ones joined into one send, big buffers in place."""
-    small: list = []
-    for p in parts:
-        if len(p) < COALESCE:
-            small.append(p)
-            continue
-        if small:
-            await _send_all(sock, memoryview(b"".join(small)), touch, on_sent)
-            small = []
-        await _send_all(sock, memoryview(p).cast("B"), touch, on_sent)
-    if small:
-        await _send_all(sock, memoryview(b"".join(small)), touch, on_sent)
-
-
-async def _send_all(sock: trio.socket.SocketType, mv: memoryview, touch, on_sent) -> None:
-    while mv:
-        n = await sock.send(mv[:SEND_CHUNK] if on_sent is not None else mv)
-        mv = mv[n:]
-        if touch is not None:
-            touch()
-        if on_sent is not None:
-            on_sent(n)
-
-
-async def _receive(sock: trio.socket.SocketType, proto: Protocol,
-                   touch: Callable[[], None] | None) -> Message | None:
-    """The next message, or None when the server closed cleanly between frames."""
-    started = 0
-    while True:
-        ev = proto.next_event()
-        if ev is CLOSED:
-            return None
-        if ev is not NEED_DATA:
-            ev.received_ns = time.perf_counter_ns()  # type: ignore[union-attr]
-            ev.started_ns = started or ev.received_ns  # type: ignore[union-attr]
-            return ev  # type: ignore[return-value]
-        buf = proto.receive_buffer()
-        if buf is not None:
-            proto.received_into(await sock.recv_into(buf))
-        else:
-            proto.receive_data(await sock.recv(RECV_SIZE))
-        started = started or time.perf_counter_ns()
-        if touch is not None:
-            touch()
+async def _tls_handshake(stream: trio.SSLStream, address: str, mismatch: str) -> None:
+    try:
+        await stream.do_handshake()
+    except trio.BrokenResourceError as e:
+        cause = e.__cause__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            raise ConnectionLostError(
+                f"the genie server at {address} failed TLS verification: {cause.verify_message}; its "
+                "certificate must be signed by a CA in tls= (a CA bundle path) and name this host") from e
+        raise ConnectionLostError(f"TLS handshake with the genie server at {address} failed "
+                                  f"({cause or e}); {mismatch}") from e

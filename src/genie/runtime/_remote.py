@@ -24,6 +24,8 @@ run re-sends every constant and the whole graph: the naive baseline the benchmar
 Environment:
     GENIE_SERVER=host:port     use that server (GENIE_TOKEN: its token); unset: an embedded server;
                                ``inprocess``: no server at all (genie._setup picks LocalBackend)
+    GENIE_TLS=1 | ca.pem       speak TLS to GENIE_SERVER, verified against the system's CAs or that
+                               CA bundle (see ``connect``'s ``tls``)
     GENIE_RESIDENCY=0          naive mode (above)
     GENIE_PING_AFTER=5         seconds of silence, with requests in flight, before pinging the server
     GENIE_DEAD_AFTER=30        seconds of silence after which the server counts as lost
@@ -39,10 +41,11 @@ import sys
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import outcome
 import torch
 import trio
 
@@ -53,14 +56,15 @@ from genie.graph._wire import decode_meta
 from genie.runtime import _backend
 from genie.runtime._backend import RunResult, Stats
 from genie.runtime._bridge import Bridge
-from genie.runtime._connection import Connection, MissingOnServerError
+from genie.runtime._connection import TLS, Connection, Waiter, tls_context, tls_from_env
 from genie.runtime._embedded import EmbeddedServer
-from genie.transport import Message
+from genie.transport import LIMITS, Message, MissingOnServerError
 
 INLINE_MAX = 128  # constants this small ride along with the run instead of a has round trip
 UPLOAD_FRAME = 64 << 20
 PROGRESS_MIN = 64 << 20
-MAX_SLOTS = 1024  # the server's per-connection limit
+MAX_SLOTS: int = LIMITS["max_slots"].default  # type: ignore[assignment]  # the server's, per connection
+MAX_BUFFERS: int = LIMITS["max_buffers"].default  # type: ignore[assignment]  # per frame, by default
 CONNECT_TIMEOUT = 30.0
 RETRIES = 3
 _OPEN: weakref.WeakSet[RemoteBackend] = weakref.WeakSet()
@@ -112,6 +116,9 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def _wire_tensor(t: torch.Tensor) -> torch.Tensor:
     t = t.detach()
+    if t.device.type == "remote_accelerator":  # materializing it would block this very loop
+        raise TypeError("a run's inputs must be host tensors, not remote_accelerator ones "
+                        "(genie.execute brings those to the host itself)")
     return t if t.device.type == "cpu" else t.cpu()
 
 
@@ -119,10 +126,11 @@ class RemoteBackend:
     """Runs graphs on a ``genie serve`` at ``address`` ("host:port"), or on an embedded one (None)."""
 
     def __init__(self, address: str | None = None, token: str | None = None, *,
-                 residency: bool | None = None) -> None:
+                 residency: bool | None = None, tls: TLS = None) -> None:
         self.address = address
         self._host_port = parse_address(address) if address is not None else None
         self.token = token or ""
+        self.tls = tls_context(tls)  # the embedded server is on loopback and speaks plain TCP
         if residency is None:
             residency = os.environ.get("GENIE_RESIDENCY", "1").strip().lower() not in ("0", "false", "no")
         self.residency = residency
@@ -135,14 +143,16 @@ class RemoteBackend:
         self._connect_lock: trio.Lock | None = None
         self._closed = False
         self._lock = threading.Lock()
+        self._frees: list[int] = []  # freed by finalizers, not yet handed to the connection
+        self._frees_lock = threading.Lock()
         _OPEN.add(self)
 
     # -- the Backend protocol -------------------------------------------------------------------
     def run(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int],
             keep: Sequence[int], constants: dict[str, torch.Tensor], stages: StageSchedule | None = None,
             stream: Sequence[int] = (), trace: bool = False) -> RunResult:
-        return self.bridge().call(self._run, graph, list(inputs), list(fetch), list(keep), constants,
-                                  stages, list(stream), trace)
+        return self.bridge().call_back(self._start_run, graph, list(inputs), list(fetch), list(keep),
+                                       constants, stages, list(stream), trace)
 
     async def run_async(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int],
                         keep: Sequence[int], constants: dict[str, torch.Tensor],
@@ -153,8 +163,13 @@ class RemoteBackend:
 
     def free(self, handle: int) -> None:
         bridge = self._bridge
-        if bridge is not None and not self._closed:
-            bridge.soon(self._free, handle)
+        if bridge is None or self._closed:
+            return
+        with self._frees_lock:  # one hop into the loop per batch, not per handle
+            first = not self._frees
+            self._frees.append(handle)
+        if first:
+            bridge.soon(self._drain_frees)
 
     # -- more -----------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -204,11 +219,77 @@ class RemoteBackend:
             self._session.conn.close()
             self._session = None
 
-    def _free(self, handle: int) -> None:
+    def _drain_frees(self) -> None:
+        with self._frees_lock:
+            handles, self._frees = self._frees, []
         sess = self._session
-        if sess is not None and handle in sess.handles:
-            sess.handles.discard(handle)
-            sess.conn.free_later([handle])
+        if sess is None:
+            return
+        mine = [h for h in handles if h in sess.handles]
+        if mine:
+            sess.handles.difference_update(mine)
+            sess.conn.free_later(mine)
+
+    def _start_run(self, reply: Callable[[outcome.Outcome], None], graph: Graph, inputs: list[torch.Tensor],
+                   fetch: list[int], keep: list[int], constants: dict[str, torch.Tensor],
+                   stages: StageSchedule | None, stream: list[int], trace: bool) -> Callable[[], None]:
+        """In the bridge loop, for a blocked caller (``Bridge.call_back``): when nothing must be
+        awaited first (connected, every big constant already on the server), post the run at once,
+        and let the connection's reader build the result and wake the caller as the reply lands.
+        Otherwise (or when the server lost a constant meanwhile) ``_run`` does it all as a task.
+        Returns what stops the run."""
+        args = (graph, inputs, fetch, keep, constants, stages, stream, trace)
+        sess = self._session
+        data = _constant_data(graph, constants)
+        if (sess is None or sess.conn.closed or stages is not None
+                or (self.residency and any(d not in sess.known and _nbytes(t) > INLINE_MAX
+                                           for d, t in data.items()))):
+            return self._run_task(reply, args)
+        self._drain_frees()  # they ride on this run
+        _check_residents(sess, graph)
+        waiter = self._post_run(sess, graph, inputs, fetch, keep, data, None, stream, trace)
+        stopped = False
+
+        def landed() -> None:  # in the reader, as the reply (or the connection's loss) lands
+            if stopped:
+                return
+            try:
+                reply(outcome.Value(self._result(sess, graph, waiter, len(fetch), len(keep))))
+            except MissingOnServerError as e:  # evicted under the memory limit meanwhile: retry
+                sess.known.difference_update(e.digests)
+                stop_retry.append(self._run_task(reply, args))
+            except Exception as e:
+                reply(outcome.Error(e))
+
+        stop_retry: list[Callable[[], None]] = []
+
+        def stop() -> None:
+            nonlocal stopped
+            stopped = True
+            sess.conn.abandon(waiter)
+            for s in stop_retry:
+                s()
+
+        if waiter.event.is_set():  # refused before it was written (LocalProtocolError)
+            landed()
+        else:
+            waiter.notify = landed
+        return stop
+
+    def _run_task(self, reply: Callable[[outcome.Outcome], None], args: tuple) -> Callable[[], None]:
+        """``_run(*args)`` as a task of the bridge; its outcome to ``reply``; returns its cancel."""
+        scope = trio.CancelScope()
+
+        async def runner() -> None:
+            with scope:
+                try:
+                    reply(outcome.Value(await self._run(*args)))
+                except Exception as e:
+                    reply(outcome.Error(e))
+            reply(outcome.Error(ConnectionLostError("genie's background loop was shut down")))
+
+        self.bridge_nursery().start_soon(runner)
+        return scope.cancel
 
     async def _connect(self) -> _Session:
         sess = self._session
@@ -222,17 +303,19 @@ class RemoteBackend:
                 return sess
             if self._embedded is not None:
                 host, port, token = await trio.to_thread.run_sync(self._embedded.ensure)
+                tls = None
             else:
-                (host, port), token = self._host_port, self.token  # type: ignore[misc]
+                (host, port), token, tls = self._host_port, self.token, self.tls  # type: ignore[misc]
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):
-                    conn = await Connection.open(host, port, token, self.stats)
+                    conn = await Connection.open(host, port, token, self.stats, tls)
             except trio.TooSlowError:
                 raise ConnectionLostError(f"timed out connecting to the genie server at {host}:{port}") \
                     from None
             await self.bridge_nursery().start(conn.run)
             self.stats.extra["connections"] += 1
-            self._session = _Session(conn)
+            self._session = sess = _Session(conn)
+            conn.holds_values = lambda: bool(sess.handles)
             return self._session
 
     def bridge_nursery(self) -> trio.Nursery:
@@ -245,18 +328,8 @@ class RemoteBackend:
                    constants: dict[str, torch.Tensor], stages: StageSchedule | None = None,
                    stream: list[int] | None = None, trace: bool = False) -> RunResult:
         sess = await self._connect()
-        for n in graph.nodes:
-            if n.op == RESIDENT and n.args[0] not in sess.handles:
-                raise ConnectionLostError(
-                    "a tensor this program reads was kept on a genie server connection that has since "
-                    "been lost (or freed); compute it again")
-        digests = list(dict.fromkeys(n.args[0] for n in graph.nodes if n.op == CONST))
-        data = {}
-        for d in digests:
-            t = constants.get(d, graph.constants.get(d))
-            if t is None:
-                raise GenieError(f"graph names constant {d} but no data for it was given")
-            data[d] = t
+        _check_residents(sess, graph)
+        data = _constant_data(graph, constants)
         for _ in range(RETRIES):
             if self.residency:
                 await self._ensure_constants(sess, data)
@@ -271,18 +344,25 @@ class RemoteBackend:
         else:
             raise RemoteMemoryError("the server keeps evicting this program's constants before it "
                                     "runs: its --memory-limit is too small for the working set")
+        return self._result(sess, graph, waiter, len(fetch), len(keep), reply)
+
+    def _result(self, sess: _Session, graph: Graph, waiter: Waiter, n_fetch: int, n_keep: int,
+                reply: Message | None = None) -> RunResult:
+        """The RunResult of a run's reply (raised if it is an error); no checkpoint in here."""
+        if reply is None:
+            reply = sess.conn.outcome(waiter)
         if reply.get("slot_refused"):
             self._refuse_template(sess, graph)
         handles, metas = reply["handles"], reply["metas"]
         early = reply.get("early", [])
-        if (len(handles) != len(keep) or len(metas) != len(keep)
-                or len(reply.buffers) != len(fetch) - len(early) or set(early) != set(waiter.parts)):
+        if (len(handles) != n_keep or len(metas) != n_keep
+                or len(reply.buffers) != n_fetch - len(early) or set(early) != set(waiter.parts)):
             raise RemoteProtocolError("run result does not match what was asked")
         sess.handles.update(handles)
         self.stats.runs += 1
         self.stats.extra["early_outputs"] += len(early)
         rest = iter(reply.buffers)
-        fetched = [waiter.parts[p].buffers[0] if p in waiter.parts else next(rest) for p in range(len(fetch))]
+        fetched = [waiter.parts[p].buffers[0] if p in waiter.parts else next(rest) for p in range(n_fetch)]
         arrived = {p: m.received_ns for p, m in waiter.parts.items()}
         timeline = reply.get("timeline")
         if isinstance(timeline, dict):
@@ -325,7 +405,7 @@ class RemoteBackend:
         batches: list[list[tuple[str, torch.Tensor]]] = [[]]
         size = 0
         for d, t in items:
-            if batches[-1] and size + _nbytes(t) > frame:
+            if batches[-1] and (size + _nbytes(t) > frame or len(batches[-1]) >= MAX_BUFFERS):
                 batches.append([])
                 size = 0
             batches[-1].append((d, t))
@@ -348,6 +428,7 @@ class RemoteBackend:
                   stream: list[int], trace: bool):
         """Build and queue the run message, then its streamed inputs. No checkpoint in here: slot
         state must follow post order, and the inputs must follow their run."""
+        inputs = [_wire_tensor(t) for t in inputs]  # first: a bad input must leave no slot state
         inline = [d for d in data if not self.residency or d not in sess.known]
         sess.known.update(inline)
         self.stats.uploads += len(inline)
@@ -418,6 +499,27 @@ def _on_our_clock(timeline: dict, offset: int) -> dict:
             "sends": shift(timeline.get("sends"), 1)}
 
 
+def _check_residents(sess: _Session, graph: Graph) -> None:
+    for n in graph.nodes:
+        if n.op == RESIDENT and n.args[0] not in sess.handles:
+            raise ConnectionLostError(
+                "a tensor this program reads was kept on a genie server connection that has since "
+                "been lost (or freed); compute it again")
+
+
+def _constant_data(graph: Graph, constants: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each constant the graph names (once, in first-use order) -> its data."""
+    data = {}
+    for n in graph.nodes:
+        if n.op == CONST and n.args[0] not in data:
+            d = n.args[0]
+            t = constants.get(d, graph.constants.get(d))
+            if t is None:
+                raise GenieError(f"graph names constant {d} but no data for it was given")
+            data[d] = t
+    return data
+
+
 def _progress_bar(total: int):
     if total <= PROGRESS_MIN or not sys.stderr.isatty():
         return None
@@ -431,20 +533,30 @@ def _progress_bar(total: int):
 
 # -- choosing the backend -----------------------------------------------------------------------
 def backend_from_env() -> RemoteBackend:
-    """``GENIE_SERVER=host:port`` (+ ``GENIE_TOKEN``): that server; unset: an embedded one."""
+    """``GENIE_SERVER=host:port`` (+ ``GENIE_TOKEN``, ``GENIE_TLS``): that server; unset: an embedded
+    one."""
     address = os.environ.get("GENIE_SERVER", "").strip() or None
-    return RemoteBackend(address, os.environ.get("GENIE_TOKEN"))
+    tls = tls_from_env(os.environ.get("GENIE_TLS")) if address is not None else None
+    return RemoteBackend(address, os.environ.get("GENIE_TOKEN"), tls=tls)
 
 
 def connect(address: str | None = None, token: str | None = None, *,
-            residency: bool | None = None) -> RemoteBackend:
+            residency: bool | None = None, tls: TLS = None) -> RemoteBackend:
     """Point this process at the genie server at ``address`` ("host:port"; None: an embedded one).
 
-    Connects at once, so a wrong address or token raises here. Tensors kept on the previous server
-    are lost. ``token`` defaults to ``$GENIE_TOKEN``; ``residency=False`` is the naive mode.
+    Connects at once, so a wrong address, token or certificate raises here. Tensors kept on the
+    previous server are lost. ``token`` defaults to ``$GENIE_TOKEN``; ``residency=False`` is the
+    naive mode.
+
+    ``tls`` (default ``$GENIE_TLS``) encrypts the connection, for a server started with
+    ``--tls-cert``/``--tls-key``: True verifies its certificate against the system's CAs, a path
+    against that CA bundle (PEM), and an ``ssl.SSLContext`` is used as it is. The certificate must
+    name the host in ``address``. The embedded server (``address`` None) is plain loopback.
     """
+    if tls is None and address is not None:
+        tls = tls_from_env(os.environ.get("GENIE_TLS"))
     b = RemoteBackend(address, token if token is not None else os.environ.get("GENIE_TOKEN"),
-                      residency=residency)
+                      residency=residency, tls=tls)
     try:
         b.connect()
     except BaseException:

@@ -2,10 +2,11 @@
 
 Call tree::
 
-    Connection(server, sock).serve()
-      handshake()                       hello -> token check -> welcome (or error + close)
+    Connection(server, stream).serve()     stream: a trio socket, or a trio.SSLStream (TLS)
+      handshake()                       (TLS handshake) hello -> token check -> welcome (or error + close)
       receive_loop()                    frames -> work queue, in order; ping answered at once;
-                                        a run's streamed ``input`` frames go straight to its Inbound
+                                        a run's streamed ``input`` frames go straight to its Inbound;
+                                        ``cancel`` at once: the run's Cancel is set (see on_run)
       work_loop()                       one message at a time, in the order received:
         HANDLERS[kind](msg)               has, upload, run, fetch, free, stats
           run: plan (graph | slot) -> Graph; inline constants (digest checked); then, in a
@@ -13,6 +14,8 @@ Call tree::
           run with stages: StagedInterpreter; a streamed input is waited for (the compute slot
                lent meanwhile) when its first reader's stage starts; each fetched output final
                before the end goes to the send task as a ``part`` when its stage ends
+          run cancelled: the worker stops at its next node (a staged run: node or stage) boundary,
+               waits on the event loop end, its inputs and slot are let go; reply: error ``cancelled``
       send_loop()                       replies -> bytes -> socket
       finally: residents freed; a run still waiting for streamed inputs is failed
 
@@ -33,7 +36,6 @@ import hmac
 import math
 import sys
 import time
-import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -43,28 +45,43 @@ import torch
 import trio
 
 from genie._errors import (
+    AuthenticationError,
     GenieError,
     ProtocolError,
-    RemoteExecutionError,
     RemoteMemoryError,
     RemoteProtocolError,
-    UnsupportedOpError,
 )
 from genie.graph import CONST, RESIDENT, SOURCE_OPS, Graph, StageSchedule
 from genie.graph._template import Template, apply, predict, split
+from genie.graph._wire import graph_from_bytes
 from genie.server._inbound import Inbound
-from genie.server._job import Job, Lender, run_job, written_sources
-from genie.server._residency import MissingConstantsError, MissingPlanError, Residents, content_digest
-from genie.transport import CLOSED, NEED_DATA, SERVER, VERSION, Message, Protocol
+from genie.server._job import Cancel, Job, JobResult, Lender, run_job, written_sources
+from genie.server._memory import check_sizes
+from genie.server._memory import predict as predict_peak
+from genie.server._residency import MissingPlanError, Residents, content_digest
+from genie.transport import (
+    GONE,
+    SERVER,
+    VERSION,
+    Message,
+    Protocol,
+    RunCancelledError,
+    close_now,
+    error_message,
+    receive_message,
+    send_parts,
+)
 
 if TYPE_CHECKING:
     from genie.server._serve import Server
 
-_GONE = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
-RECV_SIZE = 256 << 10
-COALESCE = 64 << 10  # small parts of one frame go out in one send
-MAX_SLOTS = 1024
 INLINE_BYTES = 1 << 20  # a constant this small is checked and stored on the event loop
+HEAVY_BYTES = 64 << 10  # a graph this big is decoded in a worker thread, off the event loop
+HEAVY_FILLS = 1024  # ... and a template fill with this many corrections
+TINY_NODES = 32  # a run this small (in nodes and in bytes touched) runs on the event loop
+TINY_BYTES = 64 << 10
+# a run's graph, how many buffers described it, its stage schedule and layout, its predicted peak
+_Decoded = tuple[Graph, int, "StageSchedule | None", "list[list[int]] | None", int]
 
 
 @dataclass
@@ -76,83 +93,17 @@ class Slot:
     prev: np.ndarray
     strs: list[str]
     graph: Graph
-
-
-# (exception type, error kind): the first match names the kind of an ``error`` reply.
-ERROR_KINDS: tuple[tuple[type[BaseException], str], ...] = (
-    (MissingConstantsError, "missing"),
-    (MissingPlanError, "missing"),
-    (RemoteMemoryError, "memory"),
-    (torch.OutOfMemoryError, "memory"),
-    (UnsupportedOpError, "unsupported"),
-    (ProtocolError, "protocol"),
-    (Exception, "execution"),
-)
-
-
-def error_message(req_id: int, exc: BaseException) -> Message:
-    kind = next(k for t, k in ERROR_KINDS if isinstance(exc, t))
-    fields = {"id": req_id, "kind": kind, "message": str(exc), "op": "", "traceback": ""}
-    if isinstance(exc, RemoteExecutionError):
-        fields.update(message=exc.remote_message, op=exc.op, traceback=exc.remote_traceback)
-    elif isinstance(exc, UnsupportedOpError):
-        fields["op"] = exc.op
-    elif isinstance(exc, MissingConstantsError):
-        fields["missing"] = exc.digests
-    elif isinstance(exc, MissingPlanError):
-        fields.update(missing=[], plan=exc.key)
-    elif kind in ("execution", "memory"):
-        fields["message"] = f"{type(exc).__name__}: {exc}"
-        fields["traceback"] = "".join(traceback.format_exception(exc))
-    return Message("error", fields)
-
-
-async def send_parts(sock: trio.socket.SocketType, parts: list) -> None:
-    """Write one frame's parts: small ones joined into one send, big buffers sent in place."""
-    small: list = []
-    for p in parts:
-        if len(p) < COALESCE:
-            small.append(p)
-            continue
-        if small:
-            await _send_all(sock, memoryview(b"".join(small)))
-            small = []
-        await _send_all(sock, memoryview(p).cast("B"))
-    if small:
-        await _send_all(sock, memoryview(b"".join(small)))
-
-
-async def _send_all(sock: trio.socket.SocketType, mv: memoryview) -> None:
-    while mv:
-        n = await sock.send(mv)
-        mv = mv[n:]
-
-
-async def receive_message(sock: trio.socket.SocketType, proto: Protocol) -> Message | None:
-    """The next message, or None when the peer closed cleanly; bulk payloads land by recv_into."""
-    started = 0
-    while True:
-        ev = proto.next_event()
-        if ev is CLOSED:
-            return None
-        if ev is not NEED_DATA:
-            ev.received_ns = time.perf_counter_ns()  # type: ignore[union-attr]
-            ev.started_ns = started or ev.received_ns  # type: ignore[union-attr]
-            return ev  # type: ignore[return-value]
-        buf = proto.receive_buffer()
-        if buf is not None:
-            proto.received_into(await sock.recv_into(buf))
-        else:
-            proto.receive_data(await sock.recv(RECV_SIZE))
-        started = started or time.perf_counter_ns()
+    filled: bool = True  # filled once here: later fills rebuild only what changed (cheap)
 
 
 class Connection:
-    def __init__(self, server: Server, sock: trio.socket.SocketType, peer: str) -> None:
+    def __init__(self, server: Server, stream: trio.socket.SocketType | trio.SSLStream, peer: str) -> None:
         self.server = server
-        self.sock = sock
+        self.stream = stream
         self.peer = peer
-        self.proto = Protocol(SERVER, max_frame=server.max_frame, allocate=server.device.allocate)
+        lim = server.limits
+        self.proto = Protocol(SERVER, max_frame=lim.max_frame, max_header=lim.max_header,
+                              max_buffers=lim.max_buffers, allocate=self._allocate)
         self.residents = Residents(server.pool)
         self.slots: dict[int, Slot] = {}
         self.outbox, self._outbox_recv = trio.open_memory_channel[Message](math.inf)
@@ -161,9 +112,12 @@ class Connection:
         self._in_flight = 0  # result messages queued or being written
         self._sent = trio.Event()  # set (and replaced) each time that count drops to zero
         self.inbound: dict[int, Inbound] = {}  # run id -> its streamed inputs
+        self.cancels: dict[int, Cancel] = {}  # run id -> its Cancel, from its frame until it ends
         self._send_logs: dict[int, list] = {}  # traced run id -> [name, start, end] of its parts' sends
         self.greeted = False
         self.closing = False
+        self._working = 0  # handlers in progress (the idle watch leaves a busy connection alone)
+        self._active = trio.current_time()  # when a frame last arrived or work last finished
 
     # -- lifetime -------------------------------------------------------------------------------
     async def serve(self) -> None:
@@ -178,22 +132,42 @@ class Connection:
                 nursery.start_soon(self._guard, self.send_loop)
                 nursery.start_soon(self._guard, self.work_loop)
                 nursery.start_soon(self._guard, self.receive_loop)
-        except _GONE as e:
+                nursery.start_soon(self._guard, self.idle_watch)
+        except GONE as e:
             self.log(f"connection lost: {e}")
         finally:
             self.residents.close()
-            self.sock.close()
+            close_now(self.stream)
 
     async def _guard(self, loop: Callable[[], Awaitable[None]]) -> None:
         """Run one of the three tasks; its end (or an I/O error) ends the connection."""
         try:
             await loop()
-        except ProtocolError as e:
+        except (ProtocolError, RemoteMemoryError) as e:  # a broken or too big frame: say so, close
             self.fatal(e)
             return
-        except _GONE as e:
+        except GONE as e:
             self.log(f"connection lost: {e}")
         self._nursery.cancel_scope.cancel()
+
+    def _allocate(self, n: int) -> memoryview:
+        """Memory for a frame's payload of ``n`` bytes, once its header is in: refused (before a
+        byte of it is buffered) when it could never fit under the memory limit."""
+        self.server.pool.admit_frame(n)
+        return self.server.device.allocate(n)
+
+    async def idle_watch(self) -> None:
+        """End the connection once it has had nothing to do for the idle timeout (0: never)."""
+        idle = self.server.limits.idle_timeout
+        if idle <= 0:
+            await trio.sleep_forever()
+        while True:
+            await trio.sleep_until(self._active + idle)
+            if self._working or self._in_flight or self.inbound:
+                self._active = trio.current_time()
+            elif trio.current_time() >= self._active + idle:
+                self.log(f"idle for {idle:g} s: closing")
+                return
 
     def fatal(self, exc: BaseException, req_id: int = 0) -> None:
         """The peer broke the protocol: stop working, say why, close within a bounded time."""
@@ -213,8 +187,14 @@ class Connection:
             print(f"genie serve: {self.peer}: {text}", file=sys.stderr, flush=True)
 
     async def handshake(self) -> bool:
+        if isinstance(self.stream, trio.SSLStream):
+            try:
+                await self.stream.do_handshake()
+            except trio.BrokenResourceError as e:  # not TLS (a plain client), or a TLS alert
+                self.log(f"TLS handshake failed: {e.__cause__ or e}")
+                return False
         try:
-            msg = await receive_message(self.sock, self.proto)
+            msg = await receive_message(self.stream, self.proto)
         except RemoteProtocolError as e:
             self.log(f"bad greeting: {e}")
             return False
@@ -222,14 +202,14 @@ class Connection:
             return False
         expected = self.server.token
         if msg["version"] != VERSION:
-            reply = Message("error", {"id": 0, "kind": "protocol",
-                                      "message": f"server speaks version {VERSION}, client {msg['version']}"})
+            reply = error_message(0, RemoteProtocolError(f"server speaks version {VERSION}, client "
+                                                         f"{msg['version']}"))
         elif expected and not hmac.compare_digest(msg["token"].encode(), expected.encode()):
-            reply = Message("error", {"id": 0, "kind": "auth", "message": "bad token"})
+            reply = error_message(0, AuthenticationError("bad token"))
         else:
             reply = Message("welcome", {"version": VERSION, "device": str(self.server.device),
                                         "max_frame": self.server.max_frame, "clock": time.perf_counter_ns()})
-        await send_parts(self.sock, self.proto.send(reply))
+        await send_parts(self.stream, self.proto.send(reply))
         if reply.kind == "error":
             self.log(reply["message"])
             return False
@@ -241,27 +221,49 @@ class Connection:
     async def receive_loop(self) -> None:
         try:
             while not self.closing:
-                msg = await receive_message(self.sock, self.proto)
+                msg = await receive_message(self.stream, self.proto)
                 if msg is None:
                     return  # the client closed: nobody is left to answer
-                if msg.kind == "ping":
+                self._active = trio.current_time()
+                if msg.refused is not None:
+                    self._refuse(msg, msg.refused)
+                elif msg.kind == "ping":
                     self.outbox.send_nowait(Message("pong", {"id": msg["id"]}))
                 elif msg.kind == "input":
                     await self._on_input(msg)
+                elif msg.kind == "cancel":
+                    self._cancel(msg["id"])
                 else:
-                    if msg.kind == "run" and "stream" in msg.fields:
-                        self._expect_inputs(msg)
+                    if msg.kind == "run":
+                        if "stream" in msg.fields:
+                            self._expect_inputs(msg)
+                        self.cancels[msg["id"]] = Cancel()
                     await self.work.send(msg)
             await trio.sleep_forever()  # fatal(): the send task finishes the conversation
         finally:  # no more frames: a run waiting for a streamed input must not wait forever
             self._abort_inbound(GenieError("the connection ended before this run's streamed inputs "
                                            "arrived"))
 
+    def _refuse(self, msg: Message, exc: Exception) -> None:
+        """A frame whose payload was refused at its header (the memory limit), so never buffered:
+        its request fails at once, and the connection lives on."""
+        if msg.kind == "input":  # its run fails when it waits for it
+            inbound = self.inbound.get(msg["id"])
+            if inbound is not None:
+                inbound.abort(exc)
+            return
+        if msg.kind == "run" and "stream" in msg.fields:  # its inputs are still coming: drop them
+            self._expect_inputs(msg)
+            self.inbound[msg["id"]].run_done = True
+            self.inbound[msg["id"]].abort(exc)
+        if "id" in msg.fields:
+            self.outbox.send_nowait(error_message(msg["id"], exc))
+
     def _expect_inputs(self, msg: Message) -> None:
         req_id = msg["id"]
         if req_id in self.inbound:
             raise RemoteProtocolError(f"run {req_id}: a run with this id is still receiving inputs")
-        self.inbound[req_id] = Inbound(_ints(msg["stream"], "stream"))
+        self.inbound[req_id] = Inbound(_ints(msg["stream"], "stream"), self.server.limits.stream_timeout)
 
     async def _on_input(self, msg: Message) -> None:
         inbound = self.inbound.get(msg["id"])
@@ -272,6 +274,18 @@ class Connection:
             (t,) = await trio.to_thread.run_sync(self.server.device.stage, [t])
         inbound.arrive(msg["input"], t, msg.started_ns, msg.received_ns)
         self._settle(msg["id"])
+
+    def _cancel(self, req_id: int) -> None:
+        """The client gave up on run ``req_id``: stop it (queued, waiting or computing). Its streamed
+        inputs all came before this frame (the client sends them first); they go with its Inbound.
+        An id that is not a live run of this connection is ignored: it may have just finished."""
+        cancel = self.cancels.get(req_id)
+        if cancel is None:
+            return
+        cancel.set()
+        inbound = self.inbound.pop(req_id, None)
+        if inbound is not None:
+            inbound.abort(RunCancelledError(f"run {req_id} was cancelled by the client"))
 
     def _settle(self, req_id: int) -> None:
         inbound = self.inbound.get(req_id)
@@ -288,7 +302,7 @@ class Connection:
             if msg.kind in ("result", "error"):
                 self._send_logs.pop(msg["id"], None)  # a traced result's timeline holds the list
             t0 = time.perf_counter_ns()
-            await send_parts(self.sock, self.proto.send(msg))
+            await send_parts(self.stream, self.proto.send(msg))
             t1 = time.perf_counter_ns()
             stats["send_seconds"] += (t1 - t0) / 1e9
             if msg.kind == "part" and msg["id"] in self._send_logs:
@@ -304,6 +318,7 @@ class Connection:
         with self.work_scope:
             async for msg in self._work_recv:
                 req_id = msg.get("id", 0)
+                self._working += 1
                 try:
                     reply = await HANDLERS[msg.kind](self, msg)
                 except ProtocolError as e:  # malformed content: answer, then close this connection
@@ -311,6 +326,9 @@ class Connection:
                     break
                 except Exception as e:
                     reply = error_message(req_id, e)
+                finally:
+                    self._working -= 1
+                    self._active = trio.current_time()
                 if reply is not None and not self.closing:
                     if reply.kind == "result" and reply.buffers:
                         self._in_flight += 1  # fetched values may be residents: see on_run
@@ -359,39 +377,37 @@ class Connection:
         return Message("result", {"id": msg["id"], "handles": [], "metas": []}, host)
 
     async def on_run(self, msg: Message) -> Message:
-        inbound = self.inbound.get(msg["id"]) if "stream" in msg.fields else None
+        req_id = msg["id"]
+        inbound = self.inbound.get(req_id) if "stream" in msg.fields else None
+        cancel = self.cancels.setdefault(req_id, Cancel())
+        t0 = time.perf_counter()
         try:
-            return await self._run(msg, inbound)
+            with cancel.scope:  # the event loop's waits (the compute slot, sends) end on cancel
+                return await self._run(msg, inbound, cancel)
+            raise RunCancelledError(f"run {req_id} was cancelled by the client")
+        except RunCancelledError:
+            self.server.stats["cancelled"] += 1
+            self.server.stats["cancelled_seconds"] += time.perf_counter() - t0  # until it stopped
+            raise
         finally:
+            if self.cancels.get(req_id) is cancel:
+                del self.cancels[req_id]
             if inbound is not None:
                 inbound.run_done = True
-                self._settle(msg["id"])
+                self._settle(req_id)
 
-    async def _run(self, msg: Message, inbound: Inbound | None) -> Message:
+    async def _run(self, msg: Message, inbound: Inbound | None, cancel: Cancel) -> Message:
         server = self.server
         if "frees" in msg.fields:
             self.residents.free(_ints(msg["frees"], "frees"))
-        t0 = time.perf_counter()
-        graph, n_plan = self._plan(msg)
-        schedule, layout = self._schedule(msg, graph)
-        server.stats["plan_seconds"] += time.perf_counter() - t0
+        graph, n_plan, schedule, layout, peak = await self._decode(msg)
         if inbound is not None and schedule is None:
             raise RemoteProtocolError("run message: streamed inputs need a stage schedule")
-        n_in = msg["inputs"]
+        inputs = self._bind_inputs(msg, n_plan, inbound)
         digests = _strings(msg["consts"], "consts")
-        bufs = msg.buffers[n_plan:]
-        if len(bufs) != n_in + len(digests):
-            raise RemoteProtocolError(f"run message: {len(bufs)} buffers for {n_in} inputs and "
-                                      f"{len(digests)} constants")
-        inputs: list[torch.Tensor | None] = list(_tensors(bufs[:n_in], n_in, "run"))
-        if inbound is not None:  # streamed positions are holes, filled as their frames land
-            total = n_in + len(inbound.positions)
-            if any(p >= total for p in inbound.positions):
-                raise RemoteProtocolError(f"run message: streamed input position out of range ({total} "
-                                          "inputs)")
-            given = iter(inputs)
-            inputs = [None if p in inbound.positions else next(given) for p in range(total)]
-        await self._store_constants(digests, _tensors(bufs[n_in:], len(digests), "run"))
+        await self._store_constants(digests, _tensors(msg.buffers[n_plan + msg["inputs"]:], len(digests),
+                                                      "run"))
+        cancel.check()  # after the frees, the plan slot and the constants the client counts as sent
         fetch, keep = _ints(msg["fetch"], "fetch"), _ints(msg["keep"], "keep")
         if any(not 0 <= i < len(graph.outputs) for i in (*fetch, *keep)):
             raise RemoteProtocolError("run message: fetch/keep index out of range")
@@ -411,22 +427,13 @@ class Connection:
             staged = iter(await trio.to_thread.run_sync(device.stage, [t for t in inputs if t is not None]))
             inputs = [None if t is None else next(staged) for t in inputs]
         job = Job(msg["id"], graph, inputs, consts, fetch, keep, written, schedule, layout, inbound,
-                  bool(msg.get("trace")) and schedule is not None)
+                  bool(msg.get("trace")) and schedule is not None, cancel=cancel)
         if job.trace:
             job.send_log = self._send_logs[job.id] = []
             job.received = (msg.started_ns, msg.received_ns)
         run = functools.partial(run_job, job, server=server, residents=self.residents,
                                 send_part=self._queue_part)
-        if not device.cuda and schedule is None and all(n.op in SOURCE_OPS for n in graph.nodes):
-            # nothing to compute (``.cpu()`` of a kept value, an echo): no worker thread needed
-            out = run(lender=None)
-        else:
-            lender = Lender(server.compute_limiter)
-            await lender.acquire()
-            try:
-                out = await trio.to_thread.run_sync(functools.partial(run, lender=lender))
-            finally:
-                lender.release()
+        out = await self._compute(run, job, peak)
         fetched = out.fetched
         if device.cuda:
             fetched = await trio.to_thread.run_sync(device.to_host, fetched)
@@ -437,6 +444,77 @@ class Connection:
         if out.timeline is not None:
             fields["timeline"] = out.timeline
         return Message("result", fields, fetched)
+
+    def _bind_inputs(self, msg: Message, n_plan: int, inbound: Inbound | None) -> list[torch.Tensor | None]:
+        """The run's inputs by position: a streamed one is a hole, filled as its frame lands."""
+        n_in, n_consts = msg["inputs"], len(msg["consts"])
+        bufs = msg.buffers[n_plan:]
+        if type(n_in) is not int or n_in < 0 or len(bufs) != n_in + n_consts:
+            raise RemoteProtocolError(f"run message: {len(bufs)} buffers for {n_in} inputs and "
+                                      f"{n_consts} constants")
+        inputs: list[torch.Tensor | None] = list(_tensors(bufs[:n_in], n_in, "run"))
+        if inbound is not None:
+            total = n_in + len(inbound.positions)
+            if any(p >= total for p in inbound.positions):
+                raise RemoteProtocolError(f"run message: streamed input position out of range ({total} "
+                                          "inputs)")
+            given = iter(inputs)
+            inputs = [None if p in inbound.positions else next(given) for p in range(total)]
+        return inputs
+
+    async def _compute(self, run: Callable[..., JobResult], job: Job, peak: int) -> JobResult:
+        """``run`` holding a compute slot, with the job's predicted peak reserved under the memory
+        limit (its constants pinned first, so making room cannot evict them): in a worker thread, or
+        on the event loop when it is tiny (see ``_tiny``) and a slot is free at once."""
+        server = self.server
+        if not server.device.cuda and job.schedule is None and all(n.op in SOURCE_OPS
+                                                                   for n in job.graph.nodes):
+            return run(lender=None)  # nothing to compute (``.cpu()`` of a kept value): no thread needed
+        with server.pool.pinned(job.consts), server.pool.run_reservation(peak):
+            lender = Lender(server.compute_limiter)
+            if _tiny(job, server.device.cuda) and lender.try_acquire():
+                # a thread hop costs more than the run (~100 us each way under load); a tiny run
+                # blocks the loop for less than that, and holds the slot like any other run
+                try:
+                    server.stats["runs_inline"] += 1
+                    return run(lender=None)
+                finally:
+                    lender.release()
+            await lender.acquire()
+            try:
+                # runs have their own thread limiter: one waiting for a streamed input holds its thread,
+                # and a connection holds at most one (its work is sequential), so up to max_connections
+                # stalled runs cannot starve other runs, nor the default limiter (decoding, digests)
+                return await trio.to_thread.run_sync(functools.partial(run, lender=lender),
+                                                     limiter=server.run_threads)
+            finally:
+                lender.release()
+
+    async def _decode(self, msg: Message) -> _Decoded:
+        """The run's graph, how many buffers described it, its stage schedule and layout, and its
+        predicted peak (0 without a memory limit). A big graph or template fill is decoded in a worker
+        thread, so the event loop keeps serving other connections meanwhile."""
+        t0 = time.perf_counter()
+        out = await trio.to_thread.run_sync(self._prepare, msg) if self._heavy(msg) else self._prepare(msg)
+        self.server.stats["plan_seconds"] += time.perf_counter() - t0
+        return out
+
+    def _heavy(self, msg: Message) -> bool:
+        bufs, plan = msg.buffers, msg.get("plan")
+        if plan == "graph":
+            return bool(bufs) and isinstance(bufs[0], memoryview) and len(bufs[0]) > HEAVY_BYTES
+        slot = self.slots.get(msg.get("slot")) if type(msg.get("slot")) is int else None
+        return slot is None or not slot.filled or (bool(bufs) and len(bufs[0]) > HEAVY_FILLS)
+
+    def _prepare(self, msg: Message) -> _Decoded:
+        graph, n_plan = self._plan(msg)
+        schedule, layout = self._schedule(msg, graph)
+        pool = self.server.pool
+        if pool.limit is None:
+            return graph, n_plan, schedule, layout, 0
+        check_sizes(graph)
+        consts = {n.args[0]: pool.nbytes(n.args[0]) for n in graph.nodes if n.op == CONST}
+        return graph, n_plan, schedule, layout, predict_peak(graph, consts).peak
 
     def _schedule(self, msg: Message, graph: Graph) -> tuple[StageSchedule | None, list[list[int]] | None]:
         """The run's stage schedule (sent whole and cached under its plan key, or named by key) and
@@ -465,7 +543,7 @@ class Connection:
         if plan == "graph":
             if not msg.buffers or not isinstance(msg.buffers[0], memoryview):
                 raise RemoteProtocolError("run message: plan 'graph' needs the graph bytes first")
-            graph = Graph.from_bytes(msg.buffers[0])
+            graph = _graph(msg.buffers[0], self.server.limits.max_nodes)
             if "slot" in msg.fields:
                 self._register(msg, graph)
             return graph, 1
@@ -475,7 +553,7 @@ class Connection:
 
     def _register(self, msg: Message, graph: Graph) -> None:
         slot, check = msg["slot"], msg.get("check")
-        if type(slot) is not int or not 0 <= slot < MAX_SLOTS or not isinstance(check, str):
+        if type(slot) is not int or not 0 <= slot < self.server.limits.max_slots or type(check) is not str:
             raise RemoteProtocolError("run message: bad slot registration")
         parts = split(graph)
         if parts is None or parts.digest != check:
@@ -485,7 +563,7 @@ class Connection:
         template = self.server.templates.get(parts.digest)
         if template is None:
             template = self.server.templates[parts.digest] = Template(parts.skeleton)
-        self.slots[slot] = Slot(template, parts.ints, parts.ints, parts.strs, graph)
+        self.slots[slot] = Slot(template, parts.ints, parts.ints, parts.strs, graph, filled=False)
 
     def _fill(self, msg: Message) -> Graph:
         slot = self.slots.get(msg["slot"]) if type(msg.get("slot")) is int else None
@@ -509,7 +587,7 @@ class Connection:
             graph = slot.graph
         else:
             graph = slot.template.fill(ints, strs)
-        slot.prev, slot.last, slot.strs, slot.graph = slot.last, ints, strs, graph
+        slot.prev, slot.last, slot.strs, slot.graph, slot.filled = slot.last, ints, strs, graph, True
         self.server.stats["plan_cache_hits"] += 1
         return graph
 
@@ -522,6 +600,42 @@ HANDLERS: dict[str, Callable[[Connection, Message], Awaitable[Message | None]]] 
     "free": Connection.on_free,
     "stats": Connection.on_stats,
 }
+
+
+def _tiny(job: Job, cuda: bool) -> bool:
+    """Whether ``job`` may run on the event loop: a CPU run with no stages, of at most TINY_NODES
+    nodes whose values (inputs, constants and residents read included) add up to at most TINY_BYTES.
+    Its cost is bounded by what it touches, so it stalls other connections by microseconds. (A
+    matmul's work grows faster than its bytes: TINY_BYTES keeps even that well under a millisecond.)"""
+    nodes = job.graph.nodes
+    if cuda or job.schedule is not None or job.inbound is not None or len(nodes) > TINY_NODES:
+        return False
+    total = 0
+    for n in nodes:
+        for m in n.outputs:
+            total += _numel(m.shape) * m.dtype.itemsize
+    return total <= TINY_BYTES
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+def _graph(data: memoryview, max_nodes: int) -> Graph:
+    """The graph in ``data``, refused past ``max_nodes`` before the expensive part: its JSON parse
+    holds the GIL, so even in a worker thread it stalls the event loop for as long as it takes.
+    Each node record is a JSON list of about 100-200 bytes, so the header's ``[`` bytes bound the
+    node count from above and its length bounds the parse."""
+    if len(data) >= 8:
+        hlen = int.from_bytes(data[4:8], "little")
+        brackets = bytes(data[8 : 8 + hlen]).count(b"[")
+        if brackets > 16 * max_nodes or hlen > 256 * max_nodes:
+            raise RemoteProtocolError(f"run message: a graph header of {hlen} bytes and {brackets} lists is "
+                                      f"more than {max_nodes} nodes take (--max-nodes)")
+    return graph_from_bytes(data, max_nodes=max_nodes)
 
 
 def _strings(v: list, what: str) -> list[str]:

@@ -3,20 +3,27 @@
 The receive task puts each one here as it lands; the worker thread running the program waits for
 an input only when the first stage that reads it starts. Shared by one event loop and one worker
 thread, so it uses a condition variable, and ``abort`` wakes a waiter when the connection ends.
+A client that announces inputs and never sends them gets StreamTimeoutError after ``timeout``
+seconds without a new one, so a stalled run gives its worker thread back.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import torch
 
-from genie._errors import ConnectionLostError, RemoteProtocolError
+from genie._errors import ConnectionLostError, GenieError, RemoteProtocolError
+
+
+class StreamTimeoutError(GenieError):
+    """A run's streamed input did not arrive in time: the client announced it and stalled."""
 
 
 class Inbound:
-    def __init__(self, positions: list[int]) -> None:
+    def __init__(self, positions: list[int], timeout: float = float("inf")) -> None:
         if len(set(positions)) != len(positions) or any(p < 0 for p in positions):
             raise RemoteProtocolError("run message: 'stream' must list distinct input positions")
         self.positions = frozenset(positions)
@@ -25,6 +32,8 @@ class Inbound:
         self.run_done = False  # the run finished (or failed): drop this once every input is in
         self._cond = threading.Condition()
         self._error: BaseException | None = None
+        self.timeout = timeout
+        self._last = time.monotonic()  # when the run came, or its last input did
 
     @property
     def complete(self) -> bool:
@@ -36,6 +45,7 @@ class Inbound:
                                       "or which already arrived")
         with self._cond:
             self.tensors[pos] = t
+            self._last = time.monotonic()
             self.received.append([f"receive input {pos}", started_ns, ended_ns])
             self._cond.notify_all()
 
@@ -49,7 +59,12 @@ class Inbound:
         try:
             with self._cond:
                 while pos not in self.tensors and self._error is None:
-                    self._cond.wait()
+                    left = self._last + self.timeout - time.monotonic()
+                    if left <= 0:
+                        raise StreamTimeoutError(
+                            f"streamed input {pos} did not arrive within {self.timeout:g} s of the run or "
+                            "its previous input (--stream-timeout): the client stalled")
+                    self._cond.wait(min(left, 3600.0))
                 return self._take(pos)
         finally:
             if resume is not None:

@@ -5,14 +5,17 @@ interpreter never reorders. Each value is dropped after its last use.
 
 Call tree::
 
-    Interpreter(graph, device=..., constants=..., residents=...).run(inputs)
+    Interpreter(graph, device=..., constants=..., residents=...)
+      resolve every op of the graph       UnsupportedOpError here, before any node runs
+    .run(inputs)
       check_inputs(inputs)               dtype/shape of each binding against the graph
       begin(inputs); for node in graph.nodes: step(node)
         run_node(node)
           genie.input     -> inputs[position]
           genie.const     -> constants[digest]
           genie.resident  -> residents[handle]
-          anything else   -> call_op(node): resolve_op, map device args, seed RNG, call
+          anything else   -> call_op(node): map device args, seed RNG, call, conj/neg views
+                             resolved to copies (later writes to their memory refused)
         free values whose last user has run
       return [values of graph.outputs]
 """
@@ -26,7 +29,8 @@ from typing import Any
 import torch
 
 from genie._errors import RemoteExecutionError, UnsupportedOpError
-from genie.graph import CONST, INPUT, RESIDENT, Graph, Node, Ref, map_refs, resolve_op
+from genie.graph import CONST, INPUT, RESIDENT, SOURCE_OPS, Graph, Node, Ref, map_refs, resolve_op
+from genie.server._memory import check_output
 
 _FUSED: dict[str, dict[str, Callable]] = {}  # device type -> fused-op table
 
@@ -50,6 +54,24 @@ def own_storage(t: torch.Tensor) -> torch.Tensor:
     return t.clone()
 
 
+def _plain(out: Any) -> Any:
+    """``out`` with conjugate and negative views resolved. The client's metadata has no conj or neg
+    bit, so its later ops (``view_as_real`` under ``.imag``) expect the values in plain form."""
+    if isinstance(out, torch.Tensor):
+        if out.is_conj():
+            out = out.resolve_conj()
+        return out.resolve_neg() if out.is_neg() else out
+    if isinstance(out, (tuple, list)) and any(isinstance(o, torch.Tensor) and (o.is_conj() or o.is_neg())
+                                              for o in out):
+        return type(out)(_plain(o) for o in out)
+    return out
+
+
+def _returns_views(fn: Callable) -> bool:
+    schema = getattr(fn, "_schema", None)
+    return schema is not None and any(r.alias_info is not None for r in schema.returns)
+
+
 class Interpreter:
     def __init__(
         self,
@@ -67,6 +89,11 @@ class Interpreter:
         self.on_node = on_node
         self._values: dict[int, Any] = {}
         self._inputs: Sequence[torch.Tensor] = ()
+        self._copied: set[int] = set()  # storages of conj/neg views resolved to copies
+        # names were checked when the graph was decoded; fused names resolve only here
+        self._fns: dict[str, Callable] = {}
+        for op in {n.op for n in graph.nodes if n.op not in SOURCE_OPS}:
+            self._fns[op] = resolve_op(op, fused_ops(device) if op.startswith("genie.") else None)
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         self.check_inputs(inputs)
@@ -82,7 +109,8 @@ class Interpreter:
 
     def step(self, node: Node) -> None:
         """Run ``node``, then drop the values it was the last reader of."""
-        self._values[node.id] = self.run_node(node)
+        self._values[node.id] = value = self.run_node(node)
+        check_output(node, value)  # the client's metadata sized this run: hold it to it
         if self.on_node is not None:
             self.on_node(node)
         for dead in self._dead_after.get(node.id, ()):
@@ -121,21 +149,28 @@ class Interpreter:
         return self.call_op(node)
 
     def call_op(self, node: Node) -> Any:
-        fn = resolve_op(node.op, fused_ops(self.device) if node.op.startswith("genie.") else None)
+        fn = self._fns[node.op]
         args = map_refs(node.args, self._value)
         kwargs = {k: map_refs(v, self._value) for k, v in node.kwargs.items()}
+        if any(type(a) is torch.device for a in args):  # prims.device_put: a device given by position
+            args = tuple(self._local_device(a) if type(a) is torch.device else a for a in args)
         if "device" in kwargs and kwargs["device"] is not None:
             kwargs["device"] = self._local_device(kwargs["device"])
         kwargs.pop("pin_memory", None)
+        if self._copied and not self._copied.isdisjoint(node.writes):
+            raise UnsupportedOpError(node.op, "it writes memory that a conjugate or negative view also "
+                                     "holds; such views run as copies, so the write would not show")
         try:
-            if node.seed is None:
-                return fn(*args, **kwargs)
-            return self._call_seeded(fn, node.seed, args, kwargs)
+            out = fn(*args, **kwargs) if node.seed is None else self._call_seeded(fn, node.seed, args, kwargs)
         except UnsupportedOpError:
             raise
         except Exception as e:
             raise RemoteExecutionError(f"{type(e).__name__}: {e}", op=node.op,
                                        remote_traceback=traceback.format_exc()) from e
+        plain = _plain(out)
+        if plain is not out and _returns_views(fn):  # x.conj(): a copy of x's memory from here on
+            self._copied.update(node.storages)
+        return plain
 
     def _local_device(self, d: torch.device | str) -> torch.device:
         d = torch.device(d)

@@ -7,16 +7,21 @@ Call tree::
         get_input(pos)                  inline, or Inbound.wait(pos) with the compute slot lent out
         on_output(i, value)             host copy -> send_part(...) on the event loop, per fetch
                                         position, for outputs final before the last stage
-      pool.pinned(consts)             constants the program writes: its own copies
+      pool.pinned(consts)
+        private_constants(graph, written)   each CONST node the program writes: its own copy
         check inputs; device.compute(interp.run)
+          after every node: job.cancel.check()   the client cancelled: RunCancelledError, and the
+                                                 values, the slot and the thread are let go
+        check_untouched(...)                a shared constant that changed anyway: the run fails
       -> JobResult: handles of kept values, their metas, values still to send, parts sent, timeline
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import ChainMap
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,12 +29,14 @@ import torch
 import trio
 
 from genie._errors import GenieError, RemoteExecutionError
-from genie.graph import CONST, RESIDENT, Graph, Node, StageSchedule, TensorMeta
+from genie.graph import CONST, Graph, Node, StageSchedule, TensorMeta
+from genie.graph import written_sources as _derived_writes
 from genie.graph._wire import encode_meta
 from genie.server._inbound import Inbound
 from genie.server._interpreter import Interpreter
 from genie.server._residency import Residents
 from genie.server._staged import StagedInterpreter
+from genie.transport import RunCancelledError
 
 if TYPE_CHECKING:
     from genie.server._serve import Server
@@ -45,13 +52,34 @@ class Job:
     consts: list[str]
     fetch: list[int]
     keep: list[int]
-    written: list[str]  # digests of constants the program writes to
+    written: list[str]  # digests of constants the program writes to, derived by written_sources
     schedule: StageSchedule | None
     layout: list[list[int]] | None  # node ids per stage, from ``schedule.check(graph)``
     inbound: Inbound | None
     trace: bool
     received: tuple[int, int] = (0, 0)  # when the run frame's first and last bytes were read
     send_log: list | None = None  # [name, start, end] of its parts' sends, filled by the send task
+    cancel: Cancel | None = None
+
+
+class Cancel:
+    """A run's cancellation: set on the event loop when the client sends ``cancel``; the worker thread
+    checks it between nodes (a flag read costs nothing next to an op), and ``scope`` ends the run's
+    waits on the event loop (for the compute slot, for sends to finish)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.scope = trio.CancelScope()
+
+    def set(self) -> None:
+        self.requested = True
+        self.scope.cancel()
+
+    def check(self, node: Node | None = None) -> None:
+        """Raise RunCancelledError if cancelled; an Interpreter's ``on_node`` (after each node)."""
+        if self.requested:
+            where = f" (stopped after node {node.id})" if node is not None else ""
+            raise RunCancelledError(f"the client cancelled this run{where}")
 
 
 @dataclass
@@ -75,6 +103,15 @@ class Lender:
         await self.limiter.acquire_on_behalf_of(self)
         self.held = True
 
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free now, without waiting."""
+        try:
+            self.limiter.acquire_on_behalf_of_nowait(self)
+        except trio.WouldBlock:
+            return False
+        self.held = True
+        return True
+
     def release(self) -> None:
         if self.held:
             self.limiter.release_on_behalf_of(self)
@@ -90,15 +127,26 @@ def run_job(job: Job, *, server: Server, residents: Residents, lender: Lender | 
             send_part: Callable[[int, int, torch.Tensor], None]) -> JobResult:
     """Run; keep what is kept; say what is left to send."""
     t0 = time.perf_counter()
-    interp, early = _interpreter(job, server, residents, lender, send_part)
+    graph = job.graph
     with server.pool.pinned(job.consts):
-        if job.written:  # constants are shared by every client: a program writes to its own copy
-            interp.constants = ChainMap({d: server.pool[d].clone() for d in job.written}, server.pool)
+        clones: dict[str, torch.Tensor] = {}
+        if job.written:  # constants are shared by every client: a program writes to its own copies
+            graph, clones = private_constants(graph, job.written, server.pool)
+        interp, early = _interpreter(job, graph, server, residents, lender, send_part)
+        if job.cancel is not None:  # cancelled while it waited for the slot, or from now on
+            job.cancel.check()
+            interp.on_node = job.cancel.check
+        if clones:
+            interp.constants = ChainMap(clones, server.pool)
+        versions = {d: server.pool[d]._version for d in dict.fromkeys(job.consts)}
         try:
-            check_inputs(job.graph, job.inputs)
+            check_inputs(graph, job.inputs)
         except (TypeError, GenieError) as e:
             raise RemoteExecutionError(str(e), op="genie.input") from e
-        values = server.device.compute(lambda: interp.run(job.inputs))
+        try:
+            values = server.device.compute(lambda: interp.run(job.inputs))
+        finally:
+            check_untouched(server.pool, versions)
     server.stats["compute_seconds"] += time.perf_counter() - t0
     handles = residents.keep([values[i] for i in job.keep])
     metas = [encode_meta(TensorMeta.of(values[i])) for i in job.keep]
@@ -111,10 +159,11 @@ def run_job(job: Job, *, server: Server, residents: Residents, lender: Lender | 
     return JobResult(handles, metas, fetched, early, timeline)
 
 
-def _interpreter(job: Job, server: Server, residents: Residents, lender: Lender | None,
+def _interpreter(job: Job, graph: Graph, server: Server, residents: Residents, lender: Lender | None,
                  send_part: Callable[[int, int, torch.Tensor], None]) -> tuple[Interpreter, list[int]]:
-    """The interpreter for ``job``, and the list that fetch positions sent early are added to."""
-    graph, device, early = job.graph, server.device, []
+    """The interpreter for ``job`` over ``graph`` (its own, or with private constants), and the
+    list that fetch positions sent early are added to."""
+    device, early = server.device, []
     if job.schedule is None:
         return Interpreter(graph, device=device.device, constants=server.pool, residents=residents), early
     inbound = job.inbound
@@ -157,18 +206,38 @@ def check_inputs(graph: Graph, inputs: list) -> None:
 
 
 def written_sources(graph: Graph) -> tuple[list[str], bool]:
-    """(digests of constants the graph writes to, whether it writes to a resident value)."""
-    owner: dict[int, Node] = {}
-    for n in graph.nodes:
-        if n.op in (CONST, RESIDENT):
-            for sid in n.storages:
-                owner[sid] = n
-    consts, residents = [], False
-    for n in graph.nodes:
-        for sid in n.writes:
-            src = owner.get(sid)
-            if src is not None and src.op == CONST:
-                consts.append(src.args[0])
-            elif src is not None:
-                residents = True
-    return list(dict.fromkeys(consts)), residents
+    """(digests of constants the graph writes to, whether it writes to a resident value), derived
+    from the op schemas by ``genie.graph.written_sources``: the client's ``Node.writes`` and
+    ``Node.storages`` play no part, so an undeclared write still gets a private copy."""
+    return _derived_writes(graph)
+
+
+def private_constants(graph: Graph, written: Collection[str],
+                      pool: Mapping[str, torch.Tensor]) -> tuple[Graph, dict[str, torch.Tensor]]:
+    """``graph`` with each CONST node whose digest is in ``written`` reading its own copy, under
+    its own key, and those copies. Per node, not per digest: two buffers with equal bytes are two
+    values, and a write to one must not show in the other."""
+    nodes = list(graph.nodes)
+    clones: dict[str, torch.Tensor] = {}
+    for i, n in enumerate(nodes):
+        if n.op == CONST and n.args[0] in written:
+            key = f"{n.args[0]}#{n.id}"  # never a digest: hex only
+            clones[key] = pool[n.args[0]].clone()
+            nodes[i] = dataclasses.replace(n, args=(key,))
+    return Graph(nodes, graph.outputs, graph.constants), clones
+
+
+def check_untouched(pool: Mapping[str, torch.Tensor], versions: dict[str, int]) -> None:
+    """Defense in depth: a shared constant whose version counter moved during the run was written
+    by an op the schema analysis did not predict (this run's or a concurrent one's). Either way
+    values read from it may be wrong: the run fails, and the constant is dropped from the pool so
+    that the next run that needs it gets it uploaded afresh."""
+    changed = [d for d, v in versions.items() if d in pool and pool[d]._version != v]
+    if not changed:
+        return
+    for d in changed:
+        pool.discard(d)  # type: ignore[attr-defined]
+    raise RemoteExecutionError(
+        f"{len(changed)} shared constant(s) were written in place during this run by an op whose "
+        "writes its schema does not declare; they were dropped from the server and will be uploaded "
+        "again (a genie server bug: report the program)", op="genie.const")

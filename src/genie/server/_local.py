@@ -1,4 +1,8 @@
-"""The in-process backend: the server's Store and Interpreter, without a wire in between."""
+"""The in-process backend: the server's Store and Interpreter, without a wire in between.
+
+Constants the program writes get private copies per node, as on a server (``run_job``): here a
+constant may even be the user's own CPU tensor, which a write must never reach.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import trio
 
 from genie.graph import Graph, StageSchedule
 from genie.runtime import RunResult, Stats
+from genie.server._job import private_constants, written_sources
 from genie.server._session import Store
 
 
@@ -26,8 +31,17 @@ class LocalBackend:
         with self._lock:
             for d in self.store.missing(list(constants)):
                 self.store.put_constant(d, constants[d])
-            fetched, handles, metas, timeline = self.store.run(graph, inputs, fetch=fetch, keep=keep,
-                                                               stages=stages, trace=trace)
+            written, _ = written_sources(graph)
+            clones: dict[str, torch.Tensor] = {}
+            if written:
+                graph, clones = private_constants(graph, written, self.store.constants)
+            self.store.constants.update(clones)  # under their own keys, for this run only
+            try:
+                fetched, handles, metas, timeline = self.store.run(graph, inputs, fetch=fetch, keep=keep,
+                                                                   stages=stages, trace=trace)
+            finally:
+                for key in clones:
+                    del self.store.constants[key]
             self.stats.runs += 1
             # .cpu() of a CPU value would alias executor memory the next run may mutate
             fetched = [t.detach().to("cpu", copy=True) for t in fetched]

@@ -3,7 +3,9 @@
 Constants (weights) are content-addressed and shared by every connection, so a weight is uploaded
 once per server. Under a memory limit the pool evicts the least recently used constant that no run
 is using. Resident values (handles) belong to one connection, are never evicted, and are freed when
-the client frees them or the connection closes. Both count towards the limit.
+the client frees them or the connection closes. Both count towards the limit, and so do the
+predicted peaks of the runs in progress (``run_reservation``); a frame that could never fit is
+refused when its header arrives (``admit_frame``).
 """
 
 from __future__ import annotations
@@ -18,23 +20,22 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from genie._errors import GenieError, RemoteMemoryError
+from genie._errors import RemoteMemoryError
+from genie.transport import MissingOnServerError
 
 
-class MissingConstantsError(GenieError):
+class MissingConstantsError(MissingOnServerError):
     """A run named constants this server does not hold (never sent, or evicted): the client re-sends."""
 
     def __init__(self, digests: list[str]) -> None:
-        self.digests = digests
-        super().__init__(f"{len(digests)} constant(s) not on the server")
+        super().__init__(digests)
 
 
-class MissingPlanError(GenieError):
+class MissingPlanError(MissingOnServerError):
     """A run named a stage schedule by a plan key this server does not hold: the client re-sends it."""
 
     def __init__(self, key: str) -> None:
-        self.key = key
-        super().__init__(f"stage schedule {key[:16]} not on the server")
+        super().__init__([], key)
 
 
 def content_digest(t: torch.Tensor) -> str:
@@ -62,7 +63,8 @@ class ConstantPool(Mapping[str, torch.Tensor]):
         self._pins: dict[str, int] = {}
         self.const_bytes = 0
         self.resident_bytes = 0
-        self.reserved = 0
+        self.reserved = 0  # uploads being stored
+        self.running = 0  # predicted peaks of the runs in progress
         self.evictions = 0
 
     # -- Mapping, as the Interpreter reads it -----------------------------------------------------
@@ -92,7 +94,7 @@ class ConstantPool(Mapping[str, torch.Tensor]):
             if digest in self._data:
                 self._data.move_to_end(digest)
                 return
-            self._make_room(n)
+            self._make_room(n, "a constant")
             self.reserved += n
         try:
             t = to_device(host)
@@ -126,10 +128,17 @@ class ConstantPool(Mapping[str, torch.Tensor]):
                     else:
                         del self._pins[d]
 
+    def discard(self, digest: str) -> None:
+        """Drop ``digest`` (its data can no longer be trusted); runs holding it keep their tensor."""
+        with self._lock:
+            t = self._data.pop(digest, None)
+            if t is not None:
+                self.const_bytes -= t.numel() * t.element_size()
+
     def add_residents(self, n: int) -> None:
         """Count ``n`` more resident bytes, evicting constants to stay under the limit."""
         with self._lock:
-            self._make_room(n)
+            self._make_room(n, "kept values")
             self.resident_bytes += n
 
     def drop_residents(self, n: int) -> None:
@@ -137,20 +146,52 @@ class ConstantPool(Mapping[str, torch.Tensor]):
             self.resident_bytes -= n
 
     def used(self) -> int:
-        return self.const_bytes + self.resident_bytes + self.reserved
+        return self.const_bytes + self.resident_bytes + self.reserved + self.running
 
-    def _make_room(self, n: int) -> None:
+    def nbytes(self, digest: str) -> int:
+        t = self._data.get(digest)
+        return 0 if t is None else t.numel() * t.element_size()
+
+    @contextlib.contextmanager
+    def run_reservation(self, n: int) -> Iterator[None]:
+        """Hold ``n`` bytes (a run's predicted peak) inside, evicting unpinned constants to make
+        room; RemoteMemoryError naming the numbers when even that is not enough."""
+        with self._lock:
+            self._make_room(n, "a run's predicted peak")
+            self.running += n
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.running -= n
+
+    def admit_frame(self, n: int) -> None:
+        """RemoteMemoryError unless a frame of ``n`` bytes could fit once every unpinned constant
+        were evicted: checked when its header arrives, before its payload is buffered."""
+        if self.limit is None:
+            return
+        with self._lock:
+            if n > self.limit - self.resident_bytes - self.reserved - self.running - self._pinned_bytes():
+                raise RemoteMemoryError(self._refusal(n, "an incoming frame"))
+
+    def _pinned_bytes(self) -> int:
+        return sum(self.nbytes(d) for d in self._pins)
+
+    def _refusal(self, n: int, what: str) -> str:
+        return (f"{what} of {n} bytes does not fit under the server's memory limit of {self.limit} "
+                f"bytes: {self.used()} in use, of which {self.const_bytes} constants (weights; "
+                f"{self._pinned_bytes()} pinned by running programs), {self.resident_bytes} kept values "
+                f"and {self.running + self.reserved} reserved by running programs and uploads; free "
+                "tensors or raise --memory-limit")
+
+    def _make_room(self, n: int, what: str = "data") -> None:
         if self.limit is None:
             return
         victims = (d for d in list(self._data) if d not in self._pins)
         while self.used() + n > self.limit:
             d = next(victims, None)
             if d is None:
-                pinned = sum(self._data[p].numel() * self._data[p].element_size() for p in self._pins)
-                raise RemoteMemoryError(
-                    f"cannot fit {n} more bytes under the server's memory limit of {self.limit} bytes: "
-                    f"{self.used()} in use, of which {self.resident_bytes} resident and {pinned} "
-                    "pinned by running programs; free tensors or raise --memory-limit")
+                raise RemoteMemoryError(self._refusal(n, what))
             t = self._data.pop(d)
             self.const_bytes -= t.numel() * t.element_size()
             self.evictions += 1

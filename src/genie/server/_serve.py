@@ -4,36 +4,41 @@ Call tree::
 
     run_server(Config)                  trio.run(serve, ...)
       serve(config)
-        open_tcp_listeners -> print "genie serve listening on HOST:PORT"
+        tls_context(config)             --tls-cert/--tls-key: checked before anything listens
+        open_tcp_listeners -> exposure check (no token: loopback only, unless --insecure)
+                           -> print "genie serve listening on HOST:PORT"
         serve_listeners(handle)         one task per connection
-          Connection(server, sock).serve()        (see _conn)
+          Connection(server, socket or SSLStream).serve()        (see _conn)
         watch_stdin()                   embedded mode: the parent went away -> shut down
 
 State shared by connections lives on ``Server``: the device, the constant pool (weights uploaded
 once per server, shared by all), the template cache, the stage-schedule cache (keyed by the
-client's plan key) and the compute limiter.
+client's plan key), the compute limiter, the run-thread limiter and the open-connection count.
+Every limit is a row of ``transport.LIMITS``; ``Config.limits`` holds this server's values.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import ipaddress
 import os
+import ssl
 import sys
+import threading
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import trio
 
+from genie._errors import GenieError
 from genie.graph import StageSchedule
 from genie.graph._template import Template
 from genie.server._conn import Connection
 from genie.server._device import Device
 from genie.server._residency import ConstantPool
-from genie.transport import DEFAULT_MAX_FRAME
-
-MAX_TEMPLATES = 1024
+from genie.transport import Limits
 
 
 def default_device() -> str:
@@ -46,42 +51,54 @@ class Config:
     port: int = 0
     device: str | None = None
     token: str | None = None
-    memory_limit: int | None = None
-    max_frame: int = DEFAULT_MAX_FRAME
+    limits: Limits = field(default_factory=Limits)  # memory, frames, graphs, timeouts, connections
     exit_on_stdin_eof: bool = False  # embedded mode: the parent holds our stdin open
     verbose: bool = False
-    hello_timeout: float = 10.0
+    tls_cert: str | None = None  # PEM certificate chain: serve TLS only (with tls_key)
+    tls_key: str | None = None
+    insecure: bool = False  # allow a non-loopback address without a token
+
+
+class ConfigError(GenieError):
+    """The server was started with settings it refuses (the operator's to fix): named in the message."""
 
 
 class _LRU(OrderedDict):
     """Parsed templates by digest, stage schedules by plan key: shared by connections; the least
-    recently stored go first."""
+    recently stored go first. Connections decode in worker threads, so a store is locked."""
 
     def __init__(self, size: int) -> None:
         super().__init__()
         self.size = size
+        self._lock = threading.Lock()
 
     def __setitem__(self, key, value) -> None:
-        super().__setitem__(key, value)
-        self.move_to_end(key)
-        if len(self) > self.size:
-            self.popitem(last=False)
+        with self._lock:
+            super().__setitem__(key, value)
+            self.move_to_end(key)
+            if len(self) > self.size:
+                self.popitem(last=False)
 
 
 class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.device = Device(config.device or default_device())
-        self.pool = ConstantPool(config.memory_limit)
+        self.limits = lim = config.limits
+        self.pool = ConstantPool(lim.memory_limit)
         self.token = config.token or ""
-        self.max_frame = config.max_frame
+        self.tls = tls_context(config)
+        self.max_frame = lim.max_frame
         self.verbose = config.verbose
-        self.hello_timeout = config.hello_timeout
-        self.templates: _LRU[str, Template] = _LRU(MAX_TEMPLATES)
-        self.plans: _LRU[str, StageSchedule] = _LRU(MAX_TEMPLATES)  # the client's plan key -> schedule
+        self.hello_timeout = lim.hello_timeout
+        self.templates: _LRU[str, Template] = _LRU(lim.max_templates)
+        self.plans: _LRU[str, StageSchedule] = _LRU(lim.max_templates)  # the client's plan key -> schedule
         # one program at a time on a GPU (streams order the rest); a few at once on CPU threads
         limit = 1 if self.device.cuda else max(1, min(4, os.cpu_count() or 1))
         self.compute_limiter = trio.CapacityLimiter(limit)
+        # a connection runs one job at a time, so this is a thread per connection at most (see _conn)
+        self.run_threads = trio.CapacityLimiter(lim.max_connections)
+        self.open_connections = 0
         self.stats: Counter[str] = Counter()
 
     def report(self) -> dict:
@@ -89,27 +106,78 @@ class Server:
         return {**self.stats, "device": str(self.device), "constants": len(p),
                 "constant_bytes": p.const_bytes, "resident_bytes": p.resident_bytes,
                 "evictions": p.evictions, "memory_limit": p.limit or 0, "templates": len(self.templates),
-                "plans": len(self.plans)}
+                "plans": len(self.plans), "open_connections": self.open_connections,
+                "running_bytes": p.running}
 
     async def handle(self, stream: trio.SocketStream) -> None:
         try:
             peer = "{}:{}".format(*stream.socket.getpeername()[:2])
         except OSError:
             peer = "?"
+        # plain: the socket itself, so payloads land by recv_into; TLS: the handshake is the
+        # connection's, inside its hello timeout. A peer that vanishes without close_notify has
+        # simply gone: the framing already refuses a frame cut short.
+        conn = stream.socket if self.tls is None else \
+            trio.SSLStream(stream, self.tls, server_side=True, https_compatible=True)
+        if self.open_connections >= self.limits.max_connections:
+            self.stats["refused_connections"] += 1
+            if self.verbose:
+                print(f"genie serve: {peer}: refused: {self.open_connections} connections already open "
+                      "(--max-connections)", file=sys.stderr, flush=True)
+            await stream.aclose()
+            return
+        self.open_connections += 1
         try:
-            await Connection(self, stream.socket, peer).serve()
+            await Connection(self, conn, peer).serve()
         except Exception as e:  # never let one connection take the server down
             print(f"genie serve: {peer}: internal error: {e!r}", file=sys.stderr, flush=True)
+        finally:
+            self.open_connections -= 1
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """The server's TLS context, or None without --tls-cert; bad files fail here, before listening."""
+    if config.tls_cert is None and config.tls_key is None:
+        return None
+    if config.tls_cert is None or config.tls_key is None:
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot load the TLS certificate {config.tls_cert!r} and key "
+                          f"{config.tls_key!r}: {e}") from e
+    return ctx
+
+
+def _exposed(listeners: list[trio.SocketListener]) -> list[str]:
+    """Addresses among ``listeners`` that another machine could reach (not loopback)."""
+    out = []
+    for lst in listeners:
+        host = lst.socket.getsockname()[0]
+        if not ipaddress.ip_address(host.split("%")[0]).is_loopback:
+            out.append(host)
+    return out
 
 
 async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     server = Server(config)
     listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    exposed = _exposed(listeners)
+    if exposed and not server.token:
+        if not config.insecure:
+            for lst in listeners:
+                lst.socket.close()
+            raise ConfigError(f"refusing to listen on {', '.join(exposed)} without a token: anyone who "
+                              "can reach it could run programs on this accelerator. Set --token (or "
+                              "$GENIE_TOKEN), listen on 127.0.0.1, or pass --insecure to accept any client")
+        print(f"genie serve: WARNING: listening on {', '.join(exposed)} with no token (--insecure): anyone "
+              "who can reach this port can run programs here", file=sys.stderr, flush=True)
     host, port = listeners[0].socket.getsockname()[:2]
     print(f"genie serve listening on {host}:{port}", flush=True)  # parents parse this line
     if config.verbose or not config.exit_on_stdin_eof:  # an embedded server stays quiet
-        print(f"genie serve: device {server.device}, memory limit {config.memory_limit or 'none'}",
-              file=sys.stderr, flush=True)
+        print(f"genie serve: device {server.device}, memory limit {config.limits.memory_limit or 'none'}"
+              f"{', TLS' if server.tls else ''}", file=sys.stderr, flush=True)
     async with trio.open_nursery() as nursery:
         if config.exit_on_stdin_eof:
             nursery.start_soon(_watch_stdin, nursery.cancel_scope)

@@ -33,18 +33,24 @@ Messages (``MESSAGES``; every request carries an ``id`` that its reply repeats):
     report   server  id, stats                                -
     ping     client  id                                       -                    pong
     pong     server  id                                       -
+    cancel   client  id (of a run)                            -                    (none)
     error    server  id, kind, message (+ op, traceback,      -
-                     missing); id 0: about the connection
+                     missing, plan); id 0: about the connection
+                     (kinds: ``_errors.ERROR_KINDS``)
 
 A run may stream its large inputs: ``stream`` lists input positions that follow it, each in its
 own ``input`` frame, so the server starts the first stages before they have arrived. A run with
 ``stages`` (a StageSchedule, or the key of one sent before) runs stage by stage, and each fetched
 output final before the last stage goes back at once as a ``part``; ``early`` in the result lists
 the fetch positions so sent. ``trace`` asks for the server's ``timeline`` (``clock`` in welcome is
-the server's perf_counter_ns, to line its times up with the client's).
+the server's perf_counter_ns, to line its times up with the client's). ``cancel`` stops a run at
+its next node or stage boundary; that run then answers with an error of kind ``cancelled`` (or its
+result, if it had already finished). A cancel for an id that is not running is ignored.
 
 Conversation state (``TRANSITIONS``): START --hello--> GREETED --welcome--> READY; in GREETED an
 error ends it (CLOSED). In READY each side may send its own kinds, in any number and order.
+Each received frame is held to the limits of ``_limits.LIMITS`` (header bytes, descriptors, payload
+bytes) before anything is allocated for it, and the payload is allocated by a callback that may refuse.
 Before READY a frame may carry no payload and at most 64 KiB of header, so an unauthenticated peer
 cannot make the server allocate.
 """
@@ -61,16 +67,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from genie._errors import LocalProtocolError, RemoteProtocolError
+from genie._errors import LocalProtocolError, RemoteMemoryError, RemoteProtocolError
+from genie.transport._limits import LIMITS
 from genie.transport._tensors import as_bytes, describe, from_bytes, parse_descriptor
 
 VERSION = 1
 MAGIC = b"GN"
 PREFIX = struct.Struct("<2sBBIQ")
 ALIGN = 64
-MAX_HEADER = 16 << 20
-GREETING_MAX_HEADER = 64 << 10
-DEFAULT_MAX_FRAME = 8 << 30
+MAX_HEADER: int = LIMITS["max_header"].default  # type: ignore[assignment]
+GREETING_MAX_HEADER: int = LIMITS["greeting_max_header"].default  # type: ignore[assignment]
+DEFAULT_MAX_FRAME: int = LIMITS["max_frame"].default  # type: ignore[assignment]
+MAX_BUFFERS: int = LIMITS["max_buffers"].default  # type: ignore[assignment]
 
 CLIENT, SERVER = "client", "server"
 
@@ -108,6 +116,7 @@ MESSAGES: dict[str, Spec] = {
     "error": Spec(15, SERVER, {"id": _I, "kind": _S, "message": _S}),
     "input": Spec(16, CLIENT, {"id": _I, "input": _I}),
     "part": Spec(17, SERVER, {"id": _I, "output": _I}),
+    "cancel": Spec(18, CLIENT, {"id": _I}),
 }
 _BY_CODE = {s.code: k for k, s in MESSAGES.items()}
 _READY_KINDS = {(s.sender, k) for k, s in MESSAGES.items() if k not in ("hello", "welcome")}
@@ -131,6 +140,7 @@ class Message:
     nbytes: int = 0  # size on the wire, set when sent or received
     started_ns: int = 0  # perf_counter_ns when its first bytes were read (set by the I/O layer)
     received_ns: int = 0  # ... and when its last bytes were
+    refused: Exception | None = None  # the allocator refused its payload (skipped unread): see next_event
 
     def __getitem__(self, key: str) -> Any:
         return self.fields[key]
@@ -174,14 +184,16 @@ def check_fields(kind: str, fields: dict, error: type[Exception]) -> None:
 class Protocol:
     """One side (``role``) of one connection: state, framing and byte counts."""
 
-    def __init__(self, role: str, *, max_frame: int = DEFAULT_MAX_FRAME,
-                 allocate: Allocator = _default_allocator) -> None:
+    def __init__(self, role: str, *, max_frame: int = DEFAULT_MAX_FRAME, max_header: int = MAX_HEADER,
+                 max_buffers: int = MAX_BUFFERS, allocate: Allocator = _default_allocator) -> None:
         if role not in (CLIENT, SERVER):
             raise ValueError(f"role must be {CLIENT!r} or {SERVER!r}")
         self.role = role
         self.peer = SERVER if role == CLIENT else CLIENT
         self.state = State.START
         self.max_frame = max_frame  # largest payload accepted from the peer
+        self.max_header = max_header  # ... and header, once greeted (a JSON parse on the event loop)
+        self.max_buffers = max_buffers  # ... and descriptors per frame (one tensor built per each)
         self.allocate = allocate
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -190,6 +202,8 @@ class Protocol:
         self._view: memoryview | None = None
         self._filled = 0
         self._eof = False
+        self._skip = 0  # bytes of a refused payload still to drop
+        self._scratch: memoryview | None = None  # where they are received, reused
 
     # -- state ----------------------------------------------------------------------------------
     def _advance(self, sender: str, kind: str, error: type[Exception]) -> None:
@@ -201,7 +215,7 @@ class Protocol:
     def _limits(self) -> tuple[int, int]:
         if self.state in (State.START, State.GREETED):
             return GREETING_MAX_HEADER, 0
-        return MAX_HEADER, self.max_frame
+        return self.max_header, self.max_frame
 
     # -- sending --------------------------------------------------------------------------------
     def send(self, msg: Message) -> list[bytes | memoryview]:
@@ -261,6 +275,12 @@ class Protocol:
             return
         self.bytes_received += len(data)
         data = memoryview(data).cast("B")
+        if self._skip:  # a refused payload: dropped as it comes
+            n = min(len(data), self._skip)
+            self._skip -= n
+            data = data[n:]
+            if not data:
+                return
         if self._view is not None:  # inside a payload: straight into its buffer
             n = min(len(data), len(self._view) - self._filled)
             self._view[self._filled : self._filled + n] = data[:n]
@@ -273,6 +293,10 @@ class Protocol:
 
     def receive_buffer(self) -> memoryview | None:
         """Where the next payload bytes go (``recv_into`` it), or None: use ``receive_data``."""
+        if self._skip and not self._buf:
+            if self._scratch is None:
+                self._scratch = memoryview(bytearray(256 << 10))
+            return self._scratch[: self._skip]
         if self._view is None or self._filled == len(self._view) or self._buf:
             return None
         return self._view[self._filled :]
@@ -283,15 +307,29 @@ class Protocol:
             self._eof = True
             return
         self.bytes_received += n
-        self._filled += n
+        if self._skip:
+            self._skip -= n
+        else:
+            self._filled += n
 
     def next_event(self) -> Message | _Sentinel:
-        """The next complete message, NEED_DATA, or CLOSED. Broken bytes raise RemoteProtocolError."""
-        if self._frame is None and not self._parse_header():
+        """The next complete message, NEED_DATA, or CLOSED. Broken bytes raise RemoteProtocolError.
+
+        The allocator may refuse a payload by raising RemoteMemoryError: the message then comes at
+        once, before its payload, with ``refused`` set and no buffers, and the payload is dropped as
+        it arrives, so only that request fails."""
+        if self._skip or (self._frame is None and not self._parse_header()):
             return self._need_data()
         kind, fields, layout, size, hlen = self._frame  # type: ignore[misc]
         if self._view is None:
-            self._view = self.allocate(size).cast("B") if size else memoryview(bytearray())
+            try:
+                self._view = self.allocate(size).cast("B") if size else memoryview(bytearray())
+            except RemoteMemoryError as e:
+                take = min(len(self._buf), size)
+                del self._buf[:take]
+                self._frame, self._skip = None, size - take
+                self._advance(self.peer, kind, RemoteProtocolError)
+                return Message(kind, fields, [], PREFIX.size + hlen + size, refused=e)
             if len(self._view) != size or self._view.readonly:
                 raise LocalProtocolError(f"the allocator gave {len(self._view)} bytes for {size}")
             self._filled = 0
@@ -314,7 +352,7 @@ class Protocol:
 
     def _need_data(self) -> _Sentinel:
         if self._eof:
-            if self._frame is None and not self._buf:
+            if self._frame is None and not self._buf and not self._skip:
                 self.state = State.CLOSED
                 return CLOSED
             raise RemoteProtocolError("the peer closed the connection in the middle of a frame")
@@ -337,7 +375,7 @@ class Protocol:
         max_header, max_payload = self._limits()
         if hlen > max_header or plen > max_payload:
             raise RemoteProtocolError(f"frame too large: header {hlen} bytes, payload {plen} bytes "
-                                      f"(limits {max_header}, {max_payload})")
+                                      f"(limits {max_header}, {max_payload}: --max-header, --max-frame)")
         if len(buf) < PREFIX.size + hlen:
             return False
         try:
@@ -349,6 +387,9 @@ class Protocol:
         descs = fields.pop("bufs", None)
         if not isinstance(descs, list):
             raise RemoteProtocolError(f"{kind} header has no buffer list")
+        if len(descs) > self.max_buffers:  # before a descriptor is parsed or a tensor built
+            raise RemoteProtocolError(f"{kind} frame with {len(descs)} buffers: at most {self.max_buffers} "
+                                      "(--max-buffers)")
         check_fields(kind, fields, RemoteProtocolError)
         layout, size = [], 0
         for d in descs:

@@ -8,14 +8,26 @@ import torch
 
 from genie._errors import LocalProtocolError, RemoteProtocolError
 
-# Every torch dtype by its short name; a name outside this table is a protocol error, never a getattr.
+# The dtypes that travel as raw bytes, by short name: plain numbers, which ``frombuffer`` rebuilds
+# with no quantizer or packing (a quantized dtype crashes the receiver) and ``view(uint8)`` flattens.
+# A name outside this table is a protocol error, never a getattr. Names are looked up on ``torch``
+# because older torches lack some float8 ones.
+_WIRE_DTYPES = (
+    "bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
+    "float16", "bfloat16", "float32", "float64", "complex32", "complex64", "complex128",
+    "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
+)
 DTYPES: dict[str, torch.dtype] = {
-    str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)
+    name: dt for name in _WIRE_DTYPES if isinstance(dt := getattr(torch, name, None), torch.dtype)
 }
 
 
 def describe(t: torch.Tensor) -> list:
-    return [str(t.dtype).removeprefix("torch."), list(t.shape)]
+    name = str(t.dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise LocalProtocolError(f"a {t.dtype} tensor cannot go on the wire: only plain dtypes travel "
+                                 "as bytes")
+    return [name, list(t.shape)]
 
 
 def as_bytes(t: torch.Tensor) -> memoryview:
@@ -23,6 +35,11 @@ def as_bytes(t: torch.Tensor) -> memoryview:
     if t.device.type != "cpu":
         raise LocalProtocolError(f"only CPU tensors go on the wire, got one on {t.device}")
     t = t.detach()
+    # a conjugate or negative view holds other bytes than its values: the values travel
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
     if not t.is_contiguous():
         t = t.contiguous()
     if t.numel() == 0:
@@ -38,7 +55,7 @@ def parse_descriptor(desc: object) -> tuple[torch.dtype, tuple[int, ...], int]:
         raise RemoteProtocolError(f"bad buffer descriptor {desc!r:.80}")
     dtype = DTYPES.get(desc[0])
     if dtype is None:
-        raise RemoteProtocolError(f"unknown dtype {desc[0]!r:.40}")
+        raise RemoteProtocolError(f"dtype {desc[0]!r:.40} cannot be rebuilt from bytes")
     shape = desc[1]
     if len(shape) > 64 or not all(type(s) is int and 0 <= s < 1 << 48 for s in shape):
         raise RemoteProtocolError(f"bad tensor shape {shape!r:.80}")
