@@ -135,6 +135,31 @@ def remote(server: ServerProcess) -> Iterator[RemoteBackend]:
         yield b
 
 
+@pytest.fixture(params=["server", "inprocess"])
+def any_backend(request):
+    """A fresh connection to the shared server, then the in-process backend: the same test on both."""
+    from genie.server import LocalBackend
+
+    if request.param == "server":
+        s = request.getfixturevalue("server")
+        with using(RemoteBackend(s.address, s.token)) as b:
+            yield b
+    else:
+        with using(LocalBackend("cpu")) as b:
+            yield b
+
+
+def check_served(b: RemoteBackend) -> None:
+    """``b``'s connection still computes right answers."""
+    import torch
+
+    w = torch.randn(8, 8)
+    graph = genie.trace(lambda x: torch.relu(x @ w) + 1, torch.randn(2, 8))
+    x = torch.randn(2, 8)
+    (got,) = b.run(graph, [x], fetch=[0], keep=[], constants=graph.constants).fetched
+    torch.testing.assert_close(got, torch.relu(x @ w) + 1)
+
+
 def raw_connection(server: ServerProcess) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     return s
@@ -159,5 +184,6 @@ def stats_delta(before: dict, after: dict) -> dict:
     return {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], int)}
 
 
-__all__ = ["ServerProcess", "genie", "raw_connection", "read_until_closed", "remote", "server",
+__all__ = ["ServerProcess", "any_backend", "check_served", "genie", "raw_connection",
+           "read_until_closed", "remote", "server",
            "serving", "stats_delta", "using"]

@@ -11,7 +11,7 @@ import time
 import _server_fixtures as fx
 import pytest
 import torch
-from _server_fixtures import raw_connection, read_until_closed, serving, using
+from _server_fixtures import check_served, raw_connection, read_until_closed, serving, using
 
 import genie
 from genie.graph import Graph, Node, Ref, TensorMeta
@@ -40,13 +40,6 @@ def reply(s: socket.socket, p: Protocol, timeout: float = 30) -> Message:
         assert data, "the server closed the connection"
         p.receive_data(data)
 
-
-def check_served(b: RemoteBackend) -> None:
-    w = torch.randn(8, 8)
-    graph = genie.trace(lambda x: torch.relu(x @ w) + 1, torch.randn(2, 8))
-    x = torch.randn(2, 8)
-    (got,) = b.run(graph, [x], fetch=[0], keep=[], constants=graph.constants).fetched
-    torch.testing.assert_close(got, torch.relu(x @ w) + 1)
 
 
 def rss(srv) -> int:

@@ -11,12 +11,8 @@ import _server_fixtures as fx
 import pytest
 import torch
 from _models import gpt2
-from _server_fixtures import using
 
-from genie.runtime._remote import RemoteBackend
-from genie.server import LocalBackend
-
-server = fx.server  # fixture, by name
+server, any_backend = fx.server, fx.any_backend  # fixtures, by name
 DEV = "remote_accelerator:0"
 
 
@@ -30,16 +26,6 @@ def llama() -> torch.nn.Module:
     return LlamaForCausalLM(cfg).eval()
 
 
-@pytest.fixture(params=["server", "inprocess"])
-def backend(request):
-    if request.param == "server":
-        s = request.getfixturevalue("server")
-        with using(RemoteBackend(s.address, s.token)) as b:
-            yield b
-    else:
-        with using(LocalBackend("cpu")) as b:
-            yield b
-
 
 def _generate(model: torch.nn.Module, ids: torch.Tensor, cache: str | None) -> list[list[int]]:
     kw = {"max_new_tokens": 8, "do_sample": False}
@@ -51,7 +37,7 @@ def _generate(model: torch.nn.Module, ids: torch.Tensor, cache: str | None) -> l
 
 
 @pytest.mark.parametrize("cache", ["static", None])
-def test_llama_generate_equals_eager(backend, cache):
+def test_llama_generate_equals_eager(any_backend, cache):
     torch.manual_seed(1)
     ids = torch.randint(3, 128, (1, 6))
     want = _generate(llama(), ids, cache)
@@ -61,7 +47,7 @@ def test_llama_generate_equals_eager(backend, cache):
 
 
 @pytest.mark.parametrize("cache", ["static", None])
-def test_gpt2_generate_equals_eager(backend, cache):
+def test_gpt2_generate_equals_eager(any_backend, cache):
     torch.manual_seed(1)
     ids = torch.randint(1, 128, (1, 5))
     want = _generate(gpt2(), ids, cache)

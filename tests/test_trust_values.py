@@ -12,18 +12,16 @@ from __future__ import annotations
 import _server_fixtures as fx
 import pytest
 import torch
-from _server_fixtures import using
 from torch import nn
 
 import genie
 from genie._plan_exec import run_plan
 from genie.graph import CONST, INPUT, Graph, Node, Ref, TensorMeta, written_sources
 from genie.runtime._remote import RemoteBackend
-from genie.server import LocalBackend
 from genie.server._job import check_untouched
 from genie.server._residency import ConstantPool, content_digest
 
-server, remote = fx.server, fx.remote  # fixtures, by name
+server, remote, any_backend = fx.server, fx.remote, fx.any_backend  # fixtures, by name
 DEV = "remote_accelerator:0"
 F32 = torch.float32
 
@@ -160,16 +158,6 @@ class TwoZeros(nn.Module):
         self.a.add_(x)
         return self.a * 1 + self.b * 10
 
-
-@pytest.fixture(params=["server", "inprocess"])
-def any_backend(request):
-    if request.param == "server":
-        s = request.getfixturevalue("server")
-        with using(RemoteBackend(s.address, s.token)) as b:
-            yield b
-    else:
-        with using(LocalBackend("cpu")) as b:
-            yield b
 
 
 def test_equal_buffers_written_through_one_stay_distinct(any_backend):
