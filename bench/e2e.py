@@ -30,8 +30,8 @@ from _common import report  # noqa: E402
 from _server_fixtures import serving, using  # noqa: E402
 
 import genie  # noqa: E402
+from genie.runtime import LocalBackend  # noqa: E402
 from genie.runtime._remote import RemoteBackend  # noqa: E402
-from genie.server import LocalBackend  # noqa: E402
 
 DEV = "remote_accelerator:0"
 warnings.filterwarnings("ignore", message=".*past_key_values.*")

@@ -9,8 +9,8 @@ receives the whole tensor, then sends it back.
 - genie: ``RemoteBackend.run`` of a graph returning its input, through ``genie serve``: framing,
          the template plan cache, the trio event loops, a fresh result tensor each time.
 Reported: GB/s of payload moved (both directions), best of a few, raw and genie alternating;
-genie/raw (target >= 0.85). Small tensors are latency-bound: a genie call costs ~0.3-0.5 ms more
-than a raw echo (the hop into the background trio loop, the plan, the server's event loop).
+genie/raw (target >= 0.85). Small tensors are latency-bound: ``bench/roundtrip.py`` measures that
+round trip and where its time goes, hop by hop.
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ def remote(server: ServerProcess) -> Iterator[RemoteBackend]:
 @pytest.fixture(params=["server", "inprocess"])
 def any_backend(request):
     """A fresh connection to the shared server, then the in-process backend: the same test on both."""
-    from genie.server import LocalBackend
+    from genie.runtime import LocalBackend
 
     if request.param == "server":
         s = request.getfixturevalue("server")

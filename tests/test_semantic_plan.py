@@ -144,8 +144,8 @@ def test_a_server_recomputes_the_same_plan_from_the_fused_graph() -> None:
         assert again.downloads == plan.downloads
         wire = json.loads(json.dumps(plan.to_dict()))
         assert [s["first"] for s in wire["stages"]] == [s.first for s in plan.stages]
-    with pytest.raises(NotImplementedError, match="sizes abstracted"):
-        Scheduler(key_by="structure")
+    with pytest.raises(ValueError, match="key_by"):
+        Scheduler(key_by="shape")
 
 
 def test_plan_prints_readably() -> None:

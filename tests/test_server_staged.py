@@ -107,7 +107,7 @@ def test_the_server_caches_stage_schedules_under_the_plan_key(server, remote):
     """A schedule sent once is named by its plan key afterwards, by any connection."""
     x, big = torch.randn(32, 32), torch.randn(512, 512)
     graph = genie.trace(two_phase, x, big)
-    plan = genie.schedule(graph)
+    plan = genie.semantic.run_scheduler().schedule(graph)  # the plan execute runs
     trio.run(genie.execute, graph, x, big)
     assert plan.key in remote._session.plans
     s, p = _handshake(server)  # another connection, naming the schedule by key alone
@@ -255,7 +255,7 @@ def test_stage_schedule_checks_what_it_is_given():
 
 
 async def test_in_process_backend_runs_the_same_stages():
-    from genie.server import LocalBackend
+    from genie.runtime import LocalBackend
 
     x, big = torch.randn(32, 32), torch.randn(256, 256)
     graph = genie.trace(two_phase, x, big)

@@ -244,3 +244,14 @@ def test_deepcopy_of_a_remote_module_inside_a_capture(remote):
         out = twin(x.to(DEV))
     assert twin.lin.weight.device.type == "remote_accelerator"
     same(out.cpu(), want, exact=False)
+
+
+def test_an_out_tensor_that_would_be_resized_is_refused_not_left_stale():
+    dev = "remote_accelerator:0"
+    with pytest.raises(genie.UnsupportedOpError, match="cannot change shape"):
+        torch.arange(5, out=torch.empty(0, device=dev))
+    with pytest.raises(genie.UnsupportedOpError, match=r"resize its output from \[3\] to \[5\]"):
+        torch.add(torch.ones(5, device=dev), 1, out=torch.empty(3, device=dev))
+    out = torch.empty(5, device=dev)
+    torch.add(torch.ones(5, device=dev), 1, out=out)  # the right shape: written in place
+    torch.testing.assert_close(out.cpu(), torch.full((5,), 2.0))

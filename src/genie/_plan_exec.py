@@ -1,21 +1,21 @@
-"""Runs an ExecutionPlan in this process: the server's StagedInterpreter over ``plan.graph``.
+"""Runs an ExecutionPlan in this process, by the executor's one path (``server._session.execute``).
 
 The reference for how an executor consumes a plan, without a wire (``genie serve`` runs the same
-interpreter, fed by the network). Synchronous; call it from a worker thread.
+path, fed by the network). Synchronous; call it from a worker thread.
 
 Call tree::
 
     run_plan(plan, inputs, device=..., wait_input=..., on_output=...)
-      private_constants(...)   constants the program writes: its own copies, never the caller's
-      StagedInterpreter(plan.graph, plan.stage_schedule(), meter=True).run(inputs)
-        get_input(pos)      -> wait_input(pos), then inputs[pos]: the upload may still be arriving
-        on_output(i, value) -> right after the stage that makes output i final (KV cache kept)
+      server._session.execute(plan.graph, schedule=plan.stage_schedule(), meter=True)
+        private_constants(...)   constants the program writes: its own copies, never the caller's
+        StagedInterpreter.run(inputs)
+          get_input(pos)      -> wait_input(pos), then inputs[pos]: the upload may still be arriving
+          on_output(i, value) -> right after the stage that makes output i final (KV cache kept)
       record_timeline(...)  -> genie.profile() spans: stages, waits, downloads
 """
 
 from __future__ import annotations
 
-from collections import ChainMap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -23,8 +23,7 @@ import torch
 
 from genie._profile import record_timeline
 from genie.semantic import ExecutionPlan
-from genie.server._job import private_constants, written_sources
-from genie.server._staged import StagedInterpreter
+from genie.server import execute
 
 
 @dataclass
@@ -52,19 +51,12 @@ def run_plan(plan: ExecutionPlan, inputs: Sequence[torch.Tensor], *, device: str
         return inputs[pos]
 
     kept = {i for s in plan.stages for i in s.keep_outputs}
-    graph = plan.graph
-    constants = graph.constants if constants is None else constants
-    written, _ = written_sources(graph)
-    if written:  # constants are the caller's tensors (a capture's weights): writes go to copies
-        graph, clones = private_constants(graph, written, constants)
-        constants = ChainMap(clones, constants)
-    interp = StagedInterpreter(
-        graph, plan.stage_schedule(), device=torch.device(device), constants=constants, residents=residents,
-        get_input=get_input, on_output=on_output,
+    outputs, tl = execute(
+        plan.graph, inputs, device=torch.device(device),
+        constants=plan.graph.constants if constants is None else constants, residents=residents,
+        schedule=plan.stage_schedule(), get_input=get_input, on_output=on_output,
         early=[i for i in range(len(plan.graph.outputs)) if i not in kept], meter=True)
-    outputs = interp.run(inputs)
-    tl = interp.timeline
-    del interp  # the meter's finalizers fire as the interpreter's last values go
+    assert tl is not None  # a staged run always has one
     record_timeline(tl.to_wire(), [f"{s.index} [{s.name}]" for s in plan.stages], "client")
     return PlanRun(outputs, tl.peak_bytes, tl.activation_bytes, [(a / 1e9, b / 1e9) for a, b in tl.stages],
                    {i: t / 1e9 for i, (_, t) in tl.outputs.items()})

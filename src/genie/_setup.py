@@ -1,17 +1,18 @@
-"""The composition root: registers the device and picks the default backend."""
+"""The composition root: registers the device, picks the default backend, and gives the in-process
+backend (runtime/) its executor (server/): the one place that may join the two."""
 
 from __future__ import annotations
 
+import torch
+
 from genie.lazy import SHAPES, install_module_hooks, register
-from genie.runtime import Backend, backend, set_backend_factory
+from genie.runtime import Backend, Executor, LocalBackend, backend, set_backend_factory, set_executor_factory
 
 
 def _default_backend() -> Backend:
     import os
 
     if os.environ.get("GENIE_SERVER", "").strip() == "inprocess":  # debug: no server, no wire
-        from genie.server import LocalBackend
-
         return LocalBackend("cpu")
     from genie.runtime._remote import backend_from_env  # GENIE_SERVER=host:port, or embedded
 
@@ -22,6 +23,13 @@ def setup() -> None:
     register()
     install_module_hooks()
     set_backend_factory(_default_backend)
+    set_executor_factory(_in_process_executor)
+
+
+def _in_process_executor(device: torch.device) -> Executor:
+    from genie.server import InProcessExecutor  # server code loads only when it runs in process
+
+    return InProcessExecutor(device)
 
 
 def stats() -> dict:

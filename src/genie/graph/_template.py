@@ -130,7 +130,25 @@ class _Emitter:
 
 
 def split(graph: Graph) -> Split | None:
-    """The template of ``graph`` and its vectors; None if an int does not fit in int64."""
+    """The template of ``graph`` and its vectors; None if an int does not fit in int64.
+
+    Remembered on the graph (a graph is not changed once built): ``genie.compile`` hands over a
+    replayed graph with its split already made (``with_split``), so a replay never re-emits it."""
+    known = graph.__dict__.get("_split")
+    if known is not None:
+        return known
+    parts = _split(graph)
+    graph.__dict__["_split"] = parts
+    return parts
+
+
+def with_split(graph: Graph, parts: Split) -> Graph:
+    """``graph``, with ``parts`` as its split (the caller vouches that they agree)."""
+    graph.__dict__["_split"] = parts
+    return graph
+
+
+def _split(graph: Graph) -> Split | None:
     e = _Emitter()
     e.out.append('{"nodes":[')
     for i, n in enumerate(graph.nodes):
@@ -167,10 +185,12 @@ class Template:
         self._records: list[tuple[list[str], list[str]]] = []
         int_nodes: list[int] = []
         self._str_nodes: list[int] = []
+        self._first: list[tuple[int, int]] = []  # per node: the index of its first int and str hole
         for i, rec in enumerate(records):
             parts = _HOLE.split(json.dumps(rec, separators=(",", ":")))
             kinds = parts[1::2]
             self._records.append((parts[0::2], kinds))
+            self._first.append((len(int_nodes), len(self._str_nodes)))
             for k in kinds:
                 (int_nodes if k == "int" else self._str_nodes).append(i)
         self._int_nodes = np.array(int_nodes, dtype=np.int64)
@@ -213,8 +233,7 @@ class Template:
     def _node(self, i: int, ints: list[int], strs: list[str]) -> Node:
         """Node ``i`` alone; its wiring comes from the skeleton, which the first fill checked."""
         segs, kinds = self._records[i]
-        ii = int(np.searchsorted(self._int_nodes, i))  # its first int hole
-        si = self._str_nodes.index(i) if "str" in kinds else 0
+        ii, si = self._first[i]
         out = [segs[0]]
         for kind, seg in zip(kinds, segs[1:], strict=True):
             if kind == "int":
@@ -235,6 +254,30 @@ class Template:
             raise
         except (ValueError, KeyError, TypeError, IndexError) as e:
             raise ProtocolError(f"malformed plan template node {i}: {e}") from e
+
+
+SMALL_FIX = 64  # this many corrections or fewer travel in the run's header, as JSON lists
+
+
+def small_corrections(actual: list[int], last: list[int], prev: list[int]) -> tuple[list[int], list[int]]:
+    """``corrections(actual, predict(last, prev))`` on short Python lists: a numpy call costs more
+    than the whole vector of a small graph. Exact integers: where int64 would wrap, the prediction
+    simply misses and the value travels, and ``apply`` agrees on every position that does not."""
+    idx = [i for i, (a, b, c) in enumerate(zip(actual, last, prev, strict=True)) if a != 2 * b - c]
+    return idx, [actual[i] for i in idx]
+
+
+def fix_lists(fix: object, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A run header's ``fix`` ([positions, values], each a list of ints) as ``apply``'s arrays;
+    ProtocolError unless well formed (positions are range-checked by ``apply``)."""
+    if not (isinstance(fix, list) and len(fix) == 2 and isinstance(fix[0], list)
+            and isinstance(fix[1], list) and len(fix[0]) == len(fix[1]) <= min(n, SMALL_FIX)
+            and all(type(v) is int for v in fix[0]) and all(type(v) is int for v in fix[1])):
+        raise ProtocolError("run message: bad corrections")
+    try:
+        return np.array(fix[0], dtype=np.int64), np.array(fix[1], dtype=np.int64)
+    except OverflowError:
+        raise ProtocolError("run message: a correction does not fit in int64") from None
 
 
 def predict(last: np.ndarray, prev: np.ndarray) -> np.ndarray:

@@ -17,7 +17,8 @@ from genie._errors import UnsupportedOpError
 from genie.graph import Node, TensorMeta
 from genie.graph._ops import op_name, overload, registry
 from genie.lazy import _lazy
-from genie.lazy._lazy import RNG, copy_into, current_recorder, module_path, wrap
+from genie.lazy._lazy import _NUMBERS, RNG, copy_into, current_recorder, module_path, wrap
+from genie.lazy._meta import SHAPES, op_info
 
 DEVICE_TYPE = "remote_accelerator"
 DEVICE_COUNT = 8  # logical devices; each is an index the server maps to its own device
@@ -97,18 +98,31 @@ def _factory_kernel(func: torch._ops.OpOverload):
     name = op_name(func)
     seeded = torch.Tag.nondeterministic_seeded in func.tags
     arg_names = {a.name for a in func._schema.arguments}
+    info = op_info(func)  # the shape-cache key policy: a fill value keys by type, sizes by value
+    typed, typed_kw = info.typed, info.typed_kw
 
     def kernel(*args, **kwargs):
         gen = kwargs.pop("generator", None)
         meta_kwargs = {**kwargs, "device": "meta"}
         if "generator" in arg_names:  # required by name in the .generator overloads
             meta_kwargs["generator"] = None
-        meta = func(*args, **meta_kwargs)
+        # the default dtype is in: ``zeros(3)`` and ``arange(5.0)`` take it when no dtype is given
+        key = (name, _default_dtype(), *[_part(v, typed[i]) for i, v in enumerate(args)],
+               *[(k, _part(v, k in typed_kw)) for k, v in kwargs.items()])
+        try:
+            hit = SHAPES.lookup(key)
+        except TypeError:  # an unhashable argument: no caching
+            hit = key = None
+        if hit is None:
+            m = TensorMeta.of(func(*args, **meta_kwargs))
+            if key is not None:
+                SHAPES.store(key, (m,))
+        else:
+            m = hit[0]
         seed = None
         if seeded:  # a generator object cannot travel: draw the remote seed from it instead
             seed = RNG.next_seed() if gen is None else int(torch.randint(1 << 62, (1,), generator=gen))
         rec = current_recorder()
-        m = TensorMeta.of(meta)
         with rec.lock:
             nid = rec.new_id()
             node = rec.add(Node(nid, name, tuple(args), dict(kwargs), (m,), storages=(nid,),
@@ -116,6 +130,21 @@ def _factory_kernel(func: torch._ops.OpOverload):
             return wrap(rec, node, 0, m, torch.device(kwargs["device"]))
 
     return kernel
+
+
+_default_dtype = torch.get_default_dtype
+
+
+def _part(v, typed: bool):
+    """A factory argument as a key part: lists become tuples; a number where the schema takes a
+    Scalar is its type only (``OpInfo.typed``); other non-ints keep their type, since
+    ``full((2,), 1)`` and ``full((2,), 1.0)`` differ in dtype but ``1 == 1.0``."""
+    t = type(v)
+    if typed and t in _NUMBERS:
+        return t
+    if t is list or t is tuple:
+        return tuple([_part(x, False) for x in v])
+    return v if t is int else (t, v)
 
 
 def _refused_kernel(name: str, why: str):

@@ -24,37 +24,46 @@ from genie.lazy._recorder import FAILED, Recorder, content_digest
 aten = torch.ops.aten
 _DEFAULT_DEVICE = None  # set by _device.register(): torch.device needs the backend renamed first
 _SOURCE_OPS = (CONST, INPUT, RESIDENT)
-_tls = threading.local()
+_make_wrapper = torch.Tensor._make_wrapper_subclass
+_default_dtype = torch.get_default_dtype
+_STRIDED = torch.strided
+
+
+class _ThreadState(threading.local):
+    """Per-thread recording state. Every attribute exists from the start: a missing attribute on a
+    thread-local raises and catches an AttributeError, which cost ~0.5 µs per op here."""
+
+    def __init__(self) -> None:
+        self.captures: list[Recorder] = []
+        self.modules: list[str] = []
+        self.device: Recorder | None = None
+
+
+_tls = _ThreadState()
 
 
 # -- which recorder records -------------------------------------------------------------------
 def capture_stack() -> list[Recorder]:
-    stack = getattr(_tls, "captures", None)
-    if stack is None:
-        stack = _tls.captures = []
-    return stack
+    return _tls.captures
 
 
 def current_recorder() -> Recorder:
-    stack = getattr(_tls, "captures", None)
-    if stack:
-        return stack[-1]
-    rec = getattr(_tls, "device", None)
+    tls = _tls
+    if tls.captures:
+        return tls.captures[-1]
+    rec = tls.device
     if rec is None:
-        rec = _tls.device = Recorder("device")
+        rec = tls.device = Recorder("device")
     return rec
 
 
 def module_path() -> str:
-    stack = getattr(_tls, "modules", None)
+    stack = _tls.modules
     return stack[-1] if stack else ""
 
 
 def module_stack() -> list[str]:
-    stack = getattr(_tls, "modules", None)
-    if stack is None:
-        stack = _tls.modules = []
-    return stack
+    return _tls.modules
 
 
 # -- remote RNG: repeatable under torch.manual_seed --------------------------------------------
@@ -88,9 +97,9 @@ class LazyTensor(torch.Tensor):
 
     @staticmethod
     def __new__(cls, rec: Recorder, node: Node, index: int, meta: TensorMeta, device: torch.device):
-        t = torch.Tensor._make_wrapper_subclass(cls, meta.shape, strides=meta.stride,
-                                                storage_offset=meta.offset, dtype=meta.dtype,
-                                                device=device)
+        # positional (size, strides, storage_offset, memory_format, dtype, layout, device): parsing
+        # keywords costs a third of the call
+        t = _make_wrapper(cls, meta.shape, meta.stride, meta.offset, None, meta.dtype, _STRIDED, device)
         t._rec, t._node, t._index, t._meta, t._device = rec, node, index, meta, device
         rec.track(t)
         return t
@@ -99,7 +108,12 @@ class LazyTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        return dispatch(func, args, kwargs or {})
+        entry = _ENTRIES.get(id(func))  # dispatch() inlined for its common case: one frame less
+        if entry is None or entry.special is not None or not entry.plain:
+            return dispatch(func, args, kwargs or {})
+        rec = current_recorder()
+        with rec.lock:
+            return _record(rec, func, entry.info, args, kwargs or {})
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
         text = repr(materialize([self])[0])
@@ -161,30 +175,72 @@ def _device_error(a: torch.device, b: torch.device) -> RuntimeError:
                         f"devices, {a} and {b}!")
 
 
+_NUMBERS = frozenset({int, float, bool, complex})
+_MARKED = frozenset({FAILED, *_SOURCE_OPS})  # nodes a reader must look at before it records
+
+
 class _Args:
     """Converts one op's arguments for the recorder and builds its shape-cache key.
 
-    The key holds each tensor's TensorMeta and every other value; ints go in bare, other scalars
-    with their type, since ``1``, ``1.0`` and ``True`` hash alike but promote differently.
+    The key holds each tensor's TensorMeta and every other value that can change the output meta
+    (``OpInfo.typed`` says where a Python number only promotes, so only its type goes in); other
+    non-int values go in with their type, since ``1``, ``1.0`` and ``True`` hash alike.
     """
 
     __slots__ = ("rec", "key", "storages", "device")
 
-    def __init__(self, rec: Recorder, want_storages: bool) -> None:
+    def __init__(self, rec: Recorder, info: OpInfo) -> None:
         self.rec = rec
-        self.key: list = []
-        self.storages: dict[Ref, int] | None = {} if want_storages else None
+        # a str hashes once, an OpOverload's hash is Python code; the default dtype decides what
+        # ``int_tensor + 1.5`` or ``int_tensor / 2`` gives
+        self.key: list = [info.name, _default_dtype()]
+        self.storages: dict[Ref, int] | None = {} if info.aliases else None
         self.device: torch.device | None = None
 
-    def convert(self, v: Any) -> Any:
+    def positional(self, args: tuple, typed: tuple[bool, ...]) -> tuple:
+        """``convert`` over ``args``, with the common cases inlined: this loop runs per op."""
+        out = []
+        key = self.key
+        rec = self.rec
+        for i, v in enumerate(args):
+            t = type(v)
+            if t is LazyTensor and v._rec is rec:
+                dev = v._device
+                if dev is not self.device:
+                    if self.device is None:
+                        self.device = dev
+                    elif dev != self.device:
+                        raise _device_error(self.device, dev)
+                node = v._node
+                if node.op in _MARKED:
+                    _mark_read(rec, node)
+                key.append(v._meta)
+                ref = Ref(node.id, v._index)
+                if self.storages is not None:
+                    self.storages[ref] = node.storages[v._index]
+                out.append(ref)
+            elif t is int and not typed[i]:
+                key.append(v)
+                out.append(v)
+            else:
+                out.append(self.convert(v, typed[i]))
+        return tuple(out)
+
+    def convert(self, v: Any, typed: bool = False) -> Any:
         t = type(v)
         if t is LazyTensor or isinstance(v, torch.Tensor):
             return self.tensor(v)
-        if t is int:
+        if typed and t in _NUMBERS:
+            self.key.append(t)
+        elif t is int:
             self.key.append(v)
         elif t is list or t is tuple:
-            self.key.append(len(v))
-            return t(self.convert(x) for x in v)
+            for x in v:
+                if type(x) is not int:
+                    self.key.append(len(v))
+                    return t([self.convert(x) for x in v])
+            self.key.append(tuple(v))  # sizes, dims: the common list, keyed in one go
+            return t(v)
         else:
             self.key.append((t, v))
         return v
@@ -192,15 +248,14 @@ class _Args:
     def tensor(self, t: torch.Tensor) -> Ref:
         rec = self.rec
         if isinstance(t, LazyTensor):
+            dev = t._device
             if self.device is None:
-                self.device = t._device
-            elif t._device != self.device:
-                raise _device_error(self.device, t._device)
+                self.device = dev
+            elif dev is not self.device and dev != self.device:
+                raise _device_error(self.device, dev)
             node = t._node if t._rec is rec else import_into(rec, t)
-            if node.op == FAILED:
-                raise GenieError(node.args[0])
-            if node.op in _SOURCE_OPS:
-                rec._sources[node.id] = node
+            if node.op in _MARKED:
+                _mark_read(rec, node)
             self.key.append(t._meta)
             ref = Ref(node.id, t._index)
             if self.storages is not None:
@@ -212,6 +267,13 @@ class _Args:
         if self.storages is not None:
             self.storages[ref] = node.storages[0]
         return ref
+
+
+def _mark_read(rec: Recorder, node: Node) -> None:
+    """A source read by a new node is registered with the recorder; a failed value says why."""
+    if node.op == FAILED:
+        raise GenieError(node.args[0])
+    rec._sources[node.id] = node
 
 
 _DIGESTS: dict[int, tuple[Any, int, str]] = {}  # id(tensor) -> (weakref, version, digest)
@@ -263,34 +325,49 @@ def import_into(rec: Recorder, t: LazyTensor) -> Node:
     return node
 
 
+class _Entry:
+    """What ``dispatch`` needs of one OpOverload, worked out on its first call."""
+
+    __slots__ = ("func", "special", "info", "refused", "plain")
+
+    def __init__(self, func: torch._ops.OpOverload) -> None:
+        self.func = func  # held, so that the id keying _ENTRIES is never reused
+        self.special = SPECIAL.get(func)
+        self.info = op_info(func)
+        self.refused = func.namespace not in ("aten", "prims")
+        self.plain = self.info.returns_tensors and not self.refused  # recorded as it comes
+
+
+_ENTRIES: dict[int, _Entry] = {}  # by id(func): hashing an OpOverload runs Python code
+
+
 def dispatch(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Any:
-    entry = _ENTRIES.get(func)
+    entry = _ENTRIES.get(id(func))
     if entry is None:
-        entry = _ENTRIES[func] = (SPECIAL.get(func), op_info(func))
-    special, info = entry
-    if special is not None:
-        return special(func, args, kwargs)
+        entry = _ENTRIES[id(func)] = _Entry(func)
+    if entry.special is not None:
+        return entry.special(func, args, kwargs)
+    info = entry.info
     if not info.returns_tensors:
         return func(*_to_host(args), **_to_host(kwargs))
-    if func.namespace not in ("aten", "prims"):
+    if entry.refused:
         raise UnsupportedOpError(f"{func.namespace}::{func._opname}", "only aten and prims ops are recorded")
     rec = current_recorder()
     with rec.lock:
         return _record(rec, func, info, args, kwargs)
 
 
-_ENTRIES: dict[Any, tuple[Callable | None, OpInfo]] = {}
-
-
 def _record(rec: Recorder, func, info: OpInfo, args: tuple, kwargs: dict) -> Any:
-    conv = _Args(rec, info.aliases)
-    cargs = tuple([conv.convert(a) for a in args])
+    conv = _Args(rec, info)
+    cargs = conv.positional(args, info.typed)
     ckwargs = {}
-    for k, v in kwargs.items():
-        conv.key.append(k)
-        ckwargs[k] = conv.convert(v)
+    if kwargs:
+        typed_kw = info.typed_kw
+        for k, v in kwargs.items():
+            conv.key.append(k)
+            ckwargs[k] = conv.convert(v, k in typed_kw)
     device = conv.device or _DEFAULT_DEVICE
-    key = (func, *conv.key)
+    key = tuple(conv.key)
     metas = SHAPES.lookup(key)
     dynamic = False
     if metas is None:
@@ -308,8 +385,12 @@ def _record(rec: Recorder, func, info: OpInfo, args: tuple, kwargs: dict) -> Any
     n_out = info.n_returns if dynamic else len(metas)
     if info.aliases:
         storages, writes = _alias_storages(rec, func, info, cargs, ckwargs, conv.storages, n_out)
+    elif n_out == 1:
+        storages, writes = (nid,), ()  # a fresh storage: named by its node, as constants are
     else:
         storages, writes = tuple([rec.new_id() for _ in range(n_out)]), ()
+    if info.inplace_self and not dynamic:
+        _check_not_resized(func, info, args, kwargs, metas[0])
     node = rec.add(Node(nid, info.name, cargs, ckwargs, () if dynamic else metas, info.multi,
                         storages, writes, module_path(), RNG.next_seed() if info.seeded else None))
     if dynamic:
@@ -323,7 +404,7 @@ def _record(rec: Recorder, func, info: OpInfo, args: tuple, kwargs: dict) -> Any
             target = _arg_value(func, info.alias_of[0], args, kwargs)
             if isinstance(target, LazyTensor) and target._meta == metas[0]:
                 return target
-            # an out= op resized its output: a wrapper cannot change shape, so return a new one
+            # same shape, other strides (an out= op restrided its output): a new wrapper
         if not info.multi:
             return LazyTensor(rec, node, 0, metas[0], device)
         outs = [LazyTensor(rec, node, i, m, device) for i, m in enumerate(metas)]
@@ -332,9 +413,21 @@ def _record(rec: Recorder, func, info: OpInfo, args: tuple, kwargs: dict) -> Any
     return outs if info.returns_list else tuple(outs)
 
 
+def _check_not_resized(func, info: OpInfo, args: tuple, kwargs: dict, meta: TensorMeta) -> None:
+    """A wrapper cannot change shape, so an out= or in-place op that would resize its target is
+    refused rather than leaving the caller's tensor with a stale shape."""
+    target = _arg_value(func, info.alias_of[0], args, kwargs)
+    if isinstance(target, LazyTensor) and tuple(target.shape) != meta.shape:
+        raise UnsupportedOpError(info.name, f"it would resize its output from {list(target.shape)} to "
+                                 f"{list(meta.shape)}, and a {target.device} tensor cannot change shape; "
+                                 "pass an out= tensor of the result's shape")
+
+
 def _alias_storages(rec: Recorder, func, info: OpInfo, cargs: tuple, ckwargs: dict,
                     known: dict[Ref, int], n_out: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Views share their base's storage; in-place and out= ops name the storages they write."""
+    if info.view_of_self and n_out == 1 and cargs and type(cargs[0]) is Ref:
+        return (known[cargs[0]],), ()  # the common case (view, transpose, slice...), no search
 
     def storage(pos: int | str | None) -> int | None:
         v = None if pos is None else _arg_value(func, pos, cargs, ckwargs)
@@ -375,7 +468,7 @@ def _meta_args(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 def _to_copy(func, args, kwargs):
     device = kwargs.get("device")
     to_host = device is not None and torch.device(device).type == "cpu"
-    if not isinstance(args[0], LazyTensor) or (to_host and getattr(_tls, "captures", None)):
+    if not isinstance(args[0], LazyTensor) or (to_host and _tls.captures):
         # Inside a capture the host is part of the program (``x.to(input)`` in rms_norm): the
         # copy is recorded, with the device left to the executor.
         kwargs = {k: v for k, v in kwargs.items() if k != "device"}
@@ -428,7 +521,7 @@ def _alias(func, args, kwargs):
 
 
 def _default(func, args, kwargs):
-    info = op_info(func)
+    info = op_info(func)  # cached by functools
     rec = current_recorder()
     with rec.lock:
         return _record(rec, func, info, args, kwargs)

@@ -1,8 +1,11 @@
 """Shape inference on meta tensors, cached by (op, input metadata, non-tensor args).
 
 Running an op on meta tensors costs 1-200 µs; a model's second step should pay only look-ups. The
-cache key holds each tensor's (shape, stride, dtype, offset) and every other argument with its type
-(``1`` and ``1.0`` promote differently but hash alike).
+cache key holds each tensor's (shape, stride, dtype, offset) and every other argument that can change
+the output metadata. A Python number where the schema takes a Tensor or a Scalar (``x + i``,
+``clamp(min=v)``) promotes by its type alone, so only its type goes in (``1`` and ``1.0`` promote
+differently but hash alike); sizes, dims, dtypes and flags go in by value. ``arange``/``range``
+are the exception: their Scalars are the output's size.
 """
 
 from __future__ import annotations
@@ -32,6 +35,15 @@ class OpInfo:
     n_returns: int
     returns_list: bool  # returns Tensor[] (split, unbind)
     aliases: bool  # some output aliases an input, or some input is written
+    typed: tuple[bool, ...]  # per schema argument: a Python number there is keyed by its type only
+    typed_kw: frozenset[str]  # the same, by argument name (for kwargs)
+    view_of_self: bool  # one output, a view of argument 0, and nothing written
+
+
+# Schema types whose Python-number values only promote (by type): never a size, dim or flag.
+_TYPE_ONLY = frozenset({"Tensor", "Optional[Tensor]", "number", "Optional[number]"})
+# Ops whose Scalar arguments are the output's size: every value stays in the key.
+_SIZED_BY_SCALARS = frozenset({"arange", "range"})
 
 
 @cache
@@ -59,10 +71,14 @@ def op_info(func: torch._ops.OpOverload) -> OpInfo:
                     and schema.returns[0].alias_info.is_write)
     tags = func.tags
     aliases = any(a is not None for a in alias_of) or bool(writes) or bool(write_kwargs)
+    by_value = func._opname in _SIZED_BY_SCALARS
+    typed = tuple(not by_value and str(a.type) in _TYPE_ONLY for a in schema.arguments)
+    typed_kw = frozenset(a.name for a, t in zip(schema.arguments, typed, strict=True) if t)
     return OpInfo(tuple(alias_of), tuple(writes), tuple(write_kwargs), returns_tensors, multi,
                   inplace_self, torch.Tag.nondeterministic_seeded in tags,
                   torch.Tag.dynamic_output_shape in tags, op_name(func), len(schema.returns),
-                  rtypes == ["List[Tensor]"], aliases)
+                  rtypes == ["List[Tensor]"], aliases, typed, typed_kw,
+                  alias_of == [0] and not writes and not write_kwargs)
 
 
 def meta_tensor(m: TensorMeta) -> torch.Tensor:

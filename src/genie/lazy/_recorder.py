@@ -37,6 +37,7 @@ from genie.graph import (
 )
 from genie.graph._alias import UNDECLARED_WRITES as _UNDECLARED_WRITES
 from genie.runtime import backend
+from genie.semantic import run_scheduler
 
 FAILED = "genie.failed"  # a value lost with a run that failed; never sent
 _UNSAID = frozenset(UNDECLARED_ALIASES) | frozenset(_UNDECLARED_WRITES)
@@ -80,7 +81,8 @@ class Recorder:
         self._held: dict[int, dict[int, weakref.ref]] = {}  # storage -> id(tensor) -> tensor
         self._held_pruned = 0
         self._created: list[weakref.ref] = []  # capture modes: every tensor made, for outputs
-        self.module_path = ""
+        # genie.compile's hook: sees each run a flush sends (graph, inputs, run kwargs, result)
+        self.observer: Callable[[Graph, list, dict, object], None] | None = None
 
     # -- recording ----------------------------------------------------------------------------
     def new_id(self) -> int:
@@ -189,13 +191,16 @@ class Recorder:
                     raise GenieError(t._node.args[0])
             graph, inputs = build_graph(self.pending, nodes, roots, self.input_tensors, held=held)
             pos = {r: i for i, r in enumerate(roots)}
+            graph, run = _planned(graph)  # the plan's graph keeps the outputs: fetch/keep hold
+            run.update(fetch=[pos[r] for r in fetch_refs], keep=[pos[r] for r in keep_refs],
+                       constants=self._constants_of(graph))
             try:
-                result = backend().run(graph, inputs, fetch=[pos[r] for r in fetch_refs],
-                                       keep=[pos[r] for r in keep_refs],
-                                       constants=self._constants_of(graph))
+                result = backend().run(graph, inputs, **run)
             except Exception as e:
                 self._fail(live, nodes, e)
                 raise
+            if self.observer is not None:
+                self.observer(graph, inputs, run, result)
             rebound = {}
             for r, handle, meta in zip(keep_refs, result.handles, result.metas, strict=True):
                 old = nodes[r.node]
@@ -286,6 +291,20 @@ class Recorder:
         return [t for t in alive if t is not None and t._node.op not in (CONST, INPUT)]
 
 
+def _planned(graph: Graph) -> tuple[Graph, dict]:
+    """What a flush runs: the scheduled plan of ``graph`` (fused attention and conv-bn-act, stages,
+    streamed inputs), from the structure-keyed plan cache, so a decode step whose sizes grew reuses
+    the last step's plan without analysis. A plan that changes nothing runs ``graph`` as it is,
+    unstaged: a tiny op's round trip pays no staging. So does a flush for an op whose output shape
+    depends on data (its metadata is learnt from this run; nothing can be planned around it)."""
+    if any(not graph.nodes[r.node].outputs for r in graph.outputs):
+        return graph, {}
+    plan = run_scheduler().schedule(graph)
+    if not plan.fusion_groups and len(plan.stages) <= 1 and not plan.stream:
+        return graph, {}
+    return plan.graph, {"stages": plan.stage_schedule(), "stream": plan.stream}
+
+
 def _rewrite_origins(n: Node, origin: dict[int, Ref]) -> Node:
     if not origin or not any(r.node in origin for r in n.refs()):
         return n
@@ -337,9 +356,9 @@ def build_graph(
             args = map_refs(n.args, fix)
             kwargs = {k: map_refs(v, fix) for k, v in n.kwargs.items()}
         renumber[n.id] = len(out)
-        out.append(dataclasses.replace(n, id=len(out), args=args, kwargs=kwargs,
-                                       storages=tuple(sid(s) for s in n.storages),
-                                       writes=tuple(sid(s) for s in n.writes)))
+        out.append(n.replace(id=len(out), args=args, kwargs=kwargs,  # fast copy: per node
+                             storages=tuple([sid(s) for s in n.storages]),
+                             writes=tuple([sid(s) for s in n.writes]) if n.writes else ()))
 
     program_ids = {n.id for n in program}
     for n in program:

@@ -12,9 +12,12 @@ The only place on the client that sees a socket. Call tree::
       watchdog()       ping a quiet server; after DEAD_AFTER of silence it is lost; while
                        ``holds_values()`` says values are kept there, ping every KEEPALIVE
                        seconds so the server's idle timeout never frees them
-    conn.post(msg) -> Waiter      enqueue, without a checkpoint: post order is wire order
+    conn.post(msg) -> Waiter      enqueue, without a checkpoint: post order is wire order (a small
+                                  frame with nothing queued is written at once, see _send_now)
     await conn.wait(waiter)       the reply; a remote error is raised here as its Genie exception;
                                   a caller cancelled while waiting for a run posts ``cancel``
+    waiter.notify / conn.outcome / conn.abandon   the same without a task: the reader calls notify as
+                                  the reply lands (the sync bridge wakes a blocked thread from it)
 
 When the link breaks, every waiter gets ConnectionLostError at once and the connection is closed for
 good; the owner opens a new one. A request whose caller was cancelled still gets its reply (a run:

@@ -9,7 +9,7 @@ from genie._profile import active as profiling
 from genie._profile import record_timeline
 from genie.graph import Graph
 from genie.runtime._backend import backend
-from genie.semantic import schedule
+from genie.semantic import run_scheduler
 
 
 async def execute(graph: Graph, *inputs: torch.Tensor) -> list[torch.Tensor]:
@@ -25,7 +25,7 @@ async def execute(graph: Graph, *inputs: torch.Tensor) -> list[torch.Tensor]:
     """
     graph.check_inputs(inputs)  # the caller's mistake: say so before anything is sent
     host = await _on_host(list(inputs))
-    plan = schedule(graph)
+    plan = run_scheduler().schedule(graph)
     run = plan.graph
     trace = profiling()
     result = await backend().run_async(run, host, fetch=range(len(run.outputs)), keep=(),

@@ -2,7 +2,10 @@
 
 Call tree::
 
-    RemoteBackend.run(graph, inputs, fetch=, keep=, constants=)      sync: through the bridge
+    RemoteBackend.run(graph, inputs, fetch=, keep=, constants=)      sync: Bridge.call_back
+      _start_run(...)        in the bridge loop, no checkpoint: connected and every big constant on
+                             the server -> _post_run at once; the reader builds the result
+                             (_result) and wakes the caller; else (or a constant evicted) _run
     await RemoteBackend.run_async(...)                               any trio loop: same, multiplexed
       _run(...)                                        in the bridge loop
         _connect()           first use, or after a loss: a new connection and a new _Session
@@ -14,7 +17,8 @@ Call tree::
         wait                 -> RunResult (early ``part`` outputs in place, the server's timeline
                              on this clock); server errors raise their Genie exception; constants
                              or a schedule evicted meanwhile -> send again and retry
-    free(handle)             any thread (finalizers): batched by the connection
+    free(handle)             any thread (finalizers): one hop into the loop per batch; they ride
+                             on the next run, or go alone after the connection's FREE_DELAY
 
 Residency (``GENIE_RESIDENCY``, default 1): constants are uploaded by content digest only when the
 server lacks them, and graphs run from the server's template cache. With ``GENIE_RESIDENCY=0`` every
@@ -51,7 +55,7 @@ import trio
 
 from genie._errors import ConnectionLostError, GenieError, RemoteMemoryError, RemoteProtocolError
 from genie.graph import CONST, RESIDENT, Graph, StageSchedule
-from genie.graph._template import corrections, predict, split
+from genie.graph._template import SMALL_FIX, corrections, predict, small_corrections, split
 from genie.graph._wire import decode_meta
 from genie.runtime import _backend
 from genie.runtime._backend import RunResult, Stats
@@ -82,6 +86,7 @@ class _Slot:
     last: np.ndarray
     prev: np.ndarray
     strs: list[str]
+    registered_by: int = 0  # the run that registered it: if that run fails, the server may not have
 
 
 @dataclass
@@ -97,8 +102,9 @@ class _Session:
     handles: set[int] = field(default_factory=set)  # live values this connection made
 
     def slot_number(self) -> int:
-        if len(self.slots) < MAX_SLOTS:
-            return len(self.slots)
+        if len(self.slots) < MAX_SLOTS:  # the lowest free number (a failed registration frees one)
+            used = {s.number for s in self.slots.values()}
+            return next(n for n in range(MAX_SLOTS) if n not in used)
         _, oldest = self.slots.popitem(last=False)
         return oldest.number  # re-registering overwrites the server's slot
 
@@ -340,6 +346,9 @@ class RemoteBackend:
                 sess.known.difference_update(e.digests)
                 sess.plans.discard(e.plan or "")
                 continue
+            except GenieError:
+                _forget_registration(sess, waiter)
+                raise
             break
         else:
             raise RemoteMemoryError("the server keeps evicting this program's constants before it "
@@ -350,7 +359,11 @@ class RemoteBackend:
                 reply: Message | None = None) -> RunResult:
         """The RunResult of a run's reply (raised if it is an error); no checkpoint in here."""
         if reply is None:
-            reply = sess.conn.outcome(waiter)
+            try:
+                reply = sess.conn.outcome(waiter)
+            except GenieError:
+                _forget_registration(sess, waiter)
+                raise
         if reply.get("slot_refused"):
             self._refuse_template(sess, graph)
         handles, metas = reply["handles"], reply["metas"]
@@ -453,6 +466,8 @@ class RemoteBackend:
         buffers = [*plan, *(_wire_tensor(t) for t in given), *(_wire_tensor(data[d]) for d in inline)]
         orphan = lambda reply: sess.conn.free_later(list(reply["handles"]))  # a cancelled run's values
         waiter = sess.conn.post(Message("run", fields, buffers), orphan=orphan)
+        if fields["plan"] == "graph" and "slot" in fields:
+            sess.slots[fields["check"]].registered_by = fields["id"]
         for p in stream:
             sess.conn.post(Message("input", {"id": fields["id"], "input": p}, [_wire_tensor(inputs[p])]),
                            reply=False)
@@ -472,12 +487,21 @@ class RemoteBackend:
             sess.slots[parts.digest] = _Slot(number, parts.ints, parts.ints, parts.strs)
             return {"plan": "graph", "slot": number, "check": parts.digest}, whole()
         sess.slots.move_to_end(parts.digest)
-        idx, vals = corrections(parts.ints, predict(slot.last, slot.prev))
         strs = [[i, s] for i, (s, old) in enumerate(zip(parts.strs, slot.strs, strict=True)) if s != old]
+        fields = {"plan": "slot", "slot": slot.number, "check": parts.digest, "strs": strs}
+        buffers: list = []
+        if len(parts.ints) <= SMALL_FIX:  # a few ints: JSON in the header beats two tensors
+            ints = parts.ints.tolist()
+            fields["fix"] = list(small_corrections(ints, slot.last.tolist(), slot.prev.tolist()))
+        else:
+            idx, vals = corrections(parts.ints, predict(slot.last, slot.prev))
+            if len(idx) <= SMALL_FIX:
+                fields["fix"] = [idx.tolist(), vals.tolist()]
+            else:
+                buffers = [torch.from_numpy(idx), torch.from_numpy(vals)]
         slot.prev, slot.last, slot.strs = slot.last, parts.ints, parts.strs
         self.stats.plan_cache_hits += 1
-        return ({"plan": "slot", "slot": slot.number, "check": parts.digest, "strs": strs},
-                [torch.from_numpy(idx), torch.from_numpy(vals)])
+        return fields, buffers
 
     def _refuse_template(self, sess: _Session, graph: Graph) -> None:
         parts = split(graph)
@@ -497,6 +521,14 @@ def _on_our_clock(timeline: dict, offset: int) -> dict:
     return {**timeline, "stages": shift(timeline.get("stages"), 0), "waits": shift(timeline.get("waits"), 1),
             "outputs": shift(timeline.get("outputs"), 1), "receives": shift(timeline.get("receives"), 1),
             "sends": shift(timeline.get("sends"), 1)}
+
+
+def _forget_registration(sess: _Session, waiter: Waiter) -> None:
+    """A run failed: if it registered a template slot, the server may have refused the graph before
+    registering it, so the slot is forgotten (the next run of that template registers it again)."""
+    for digest, slot in list(sess.slots.items()):
+        if slot.registered_by == waiter.cancel_id:
+            del sess.slots[digest]
 
 
 def _check_residents(sess: _Session, graph: Graph) -> None:

@@ -10,12 +10,12 @@ from genie.semantic._match import Pat
 from genie.semantic._patterns import BUILTIN_RULES, Match, MatchContext, PatternRegistry, Rule
 from genie.semantic._phase import Phase
 from genie.semantic._plan import ExecutionPlan, FusionGroup, Residency, Stage, Transfer
-from genie.semantic._scheduler import FUSIONS, Scheduler, schedule
+from genie.semantic._scheduler import FUSIONS, Scheduler, run_scheduler, schedule
 from genie.semantic._workload import WorkloadType
 
 __all__ = [
     "BUILTIN_RULES", "FUSIONS", "ExecutionPlan", "FusedCall", "FusionGroup", "GraphCost", "Match",
     "MatchContext", "NodeCost", "Pat", "PatternRegistry", "Phase", "Residency", "Rule", "Scheduler",
     "SemanticAnalyzer", "Stage", "Transfer", "WorkloadProfile", "WorkloadType", "analyze", "fuse",
-    "graph_cost", "schedule",
+    "graph_cost", "run_scheduler", "schedule",
 ]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from genie.graph import Graph
@@ -119,7 +118,3 @@ def analyze(graph: Graph, registry: PatternRegistry | None = None) -> WorkloadPr
     if registry is not None:
         return SemanticAnalyzer(registry).analyze(graph)
     return default_analyzer().analyze(graph)
-
-
-def matches_of(profile: WorkloadProfile, kinds: Sequence[str]) -> list[Match]:
-    return [m for m in profile.matches if m.kind in kinds]

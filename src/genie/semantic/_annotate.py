@@ -221,8 +221,12 @@ def attention_sdpa_op(ctx: MatchContext, found: Found) -> Info | None:
     dropout = arg(node, "dropout_p", 0.0) if "dropout_p" in names else 0.0
     causal = bool(arg(node, "is_causal", False)) if "is_causal" in names else False
     scale = arg(node, "scale") if "scale" in names else None
+    # torch aligns is_causal's mask top-left, genie.kernels bottom-right: they agree only when q_len
+    # == kv_len (a decode step with q_len 1 and is_causal=True sees only the first key)
     why = ("explicit attention mask" if mask is not None else "dropout" if dropout else
-           "enable_gqa" if "enable_gqa" in names and arg(node, "enable_gqa", False) else "")
+           "enable_gqa" if "enable_gqa" in names and arg(node, "enable_gqa", False) else
+           "is_causal with q_len != kv_len (torch aligns the mask top-left)"
+           if causal and qm.shape[2] != km.shape[2] else "")
     return {"q_len": qm.shape[2], "kv_len": km.shape[2], "head_dim": qm.shape[3], "heads": qm.shape[1],
             "kv_heads": km.shape[1], "batch": qm.shape[0], "causal": causal, "masked": mask is not None,
             "scale": None if scale is None else float(scale), "fusable": not why, "why": why}

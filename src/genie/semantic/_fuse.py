@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from genie.graph import CONST, INPUT, SOURCE_OPS, Graph, Node, Ref, TensorMeta, map_refs
@@ -127,6 +127,16 @@ def _removed(g: Graph, calls: Sequence[FusedCall]) -> set[int]:
     return removed
 
 
+def fused_node(g: Graph, c: FusedCall, nid: int, module: str, fix) -> Node:
+    """The node that runs ``c`` at id ``nid``, its Refs mapped by ``fix`` (source Ref -> new Ref)."""
+    kwargs = _fused_kwargs(c)
+    value = c.replaces[0] if c.replaces else Ref(c.root, 0)
+    meta = _fused_meta(c, g.meta(value))
+    storage = g.nodes[value.node].storages[value.index]
+    return Node(nid, c.op, map_refs(c.args, fix), {k: map_refs(v, fix) for k, v in kwargs.items()}, (meta,),
+                False, (storage,), (), c.module or module)
+
+
 class _Rewrite:
     """The new node list being built, and where each source value went."""
 
@@ -146,7 +156,7 @@ class _Rewrite:
 
     def copy(self, n: Node, **changes: Any) -> int:
         nid = self.new_id[n.id] = len(self.nodes)
-        self.nodes.append(replace(n, **{"id": nid, "kwargs": dict(n.kwargs), **changes}))
+        self.nodes.append(n.replace(**{"id": nid, "kwargs": dict(n.kwargs), **changes}))
         return nid
 
     def sources_of(self, args: tuple, kwargs: dict) -> None:
@@ -157,15 +167,9 @@ class _Rewrite:
                 self.copy(src)
 
     def fused(self, n: Node, c: FusedCall) -> None:
-        kwargs = _fused_kwargs(c)
-        self.sources_of(c.args, kwargs)
-        value = c.replaces[0] if c.replaces else Ref(n.id, 0)
-        meta = _fused_meta(c, self.g.meta(value))
-        storage = self.g.nodes[value.node].storages[value.index]
+        self.sources_of(c.args, _fused_kwargs(c))
         nid = self.new_id[n.id] = len(self.nodes)
-        self.nodes.append(Node(nid, c.op, map_refs(c.args, self.fix),
-                               {k: map_refs(v, self.fix) for k, v in kwargs.items()}, (meta,), False,
-                               (storage,), (), c.module or n.module))
+        self.nodes.append(fused_node(self.g, c, nid, n.module, self.fix))
         for r in c.replaces or (Ref(n.id, 0),):
             self.ref_map[r] = Ref(nid, 0)
 
@@ -176,7 +180,13 @@ class _Rewrite:
 
 
 def fuse(g: Graph, calls: Sequence[FusedCall]) -> tuple[Graph, list[int]]:
-    """The rewritten graph and, for each source node id, its id there (-1 when it was removed).
+    """The rewritten graph and, for each source node id, its id there (-1 when it was removed)."""
+    out, new_id, _ = fuse_mapped(g, calls)
+    return out, new_id
+
+
+def fuse_mapped(g: Graph, calls: Sequence[FusedCall]) -> tuple[Graph, list[int], dict[Ref, Ref]]:
+    """``fuse``, plus where each value a fused node replaced went (source Ref -> new Ref).
 
     Sources (inputs, weights, residents) are also moved down to just before their first reader:
     moving a value with no dependencies later is always legal, and it makes each stage one
@@ -199,4 +209,4 @@ def fuse(g: Graph, calls: Sequence[FusedCall]) -> tuple[Graph, list[int]]:
             rw.copy(n)
     used = {n.args[0] for n in rw.nodes if n.op == CONST}
     out = Graph(rw.nodes, [rw.fix(r) for r in g.outputs], {d: t for d, t in g.constants.items() if d in used})
-    return out, rw.new_id
+    return out, rw.new_id, rw.ref_map

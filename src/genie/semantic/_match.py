@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from genie.graph import SOURCE_OPS, Graph, Node, Ref
+from genie.semantic._opsets import ops
 
 Where = Callable[[Graph, Node, Ref], bool]
 Bindings = dict[str, Ref]
@@ -86,11 +87,8 @@ class Pat:
         return frozenset(ops)
 
 
-def _names(ops: str | Iterable[str]) -> frozenset[str]:
-    if isinstance(ops, str):
-        ops = (ops,)
-    return frozenset(o if o.count(".") >= 2 or o.startswith(("genie.", "aten.", "prims.")) else f"aten.{o}"
-                     for o in ops)
+def _names(names: str | Iterable[str]) -> frozenset[str]:
+    return ops(names) if isinstance(names, str) else ops(*names)
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 
+def op_name(name: str) -> str:
+    """The one op-name normalizer: ``"mul.Tensor"`` -> ``"aten.mul.Tensor"``; a name with two dots,
+    or already in a namespace (``genie.attention``), is kept as given."""
+    return name if name.count(".") >= 2 or name.startswith(("genie.", "aten.", "prims.")) else f"aten.{name}"
+
+
 def ops(*names: str) -> frozenset[str]:
-    """``"mul.Tensor"`` -> ``"aten.mul.Tensor"``; a name with two dots is kept as given."""
-    return frozenset(n if n.count(".") >= 2 else f"aten.{n}" for n in names)
+    """A named set of ops, each normalized by ``op_name``."""
+    return frozenset(map(op_name, names))
 
 
 # Reinterpretations: no arithmetic, and (but for clone/_to_copy) no data movement.

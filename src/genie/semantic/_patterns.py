@@ -256,13 +256,9 @@ class PatternRegistry:
         self._index = None
         return rule
 
-    @property
-    def rules(self) -> tuple[Rule, ...]:
-        return tuple(self._rules)
-
-    @property
-    def kinds(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(r.kind for r in self._rules))
+    def _rules_named(self, kind: str, form: str) -> list[Rule]:
+        """The rules of ``kind`` spelt ``form``: how a cached plan finds the rule of its match."""
+        return [r for r in self._rules if r.kind == kind and r.form == form]
 
     def _by_root_op(self) -> tuple[dict[str, list[Rule]], list[Rule]]:
         if self._index is None:

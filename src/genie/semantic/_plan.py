@@ -10,8 +10,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
-from genie.graph import SOURCE_OPS, Graph, Ref, StageSchedule
+from genie.graph import SOURCE_OPS, Graph, Ref, StageSchedule, TensorMeta
+from genie.semantic._match import operands
 from genie.semantic._phase import Phase
 from genie.semantic._workload import WorkloadType
 
@@ -75,8 +77,8 @@ class Stage:
 
 @dataclass(frozen=True, eq=False)
 class ExecutionPlan:
-    key: str  # the plan-cache key: source digest + scheduler settings; the server keys on it too
-    source_digest: str  # digest of the captured graph
+    key: str  # names the stage schedule (digest or structure + settings + output stages); servers key on it
+    source_digest: str  # the captured graph's digest (the structure key, for a re-instantiated plan)
     graph: Graph  # what runs: the captured graph with fusion groups replaced
     node_map: tuple[int, ...]  # captured node id -> plan.graph id (-1: fused away or dead)
     workload: WorkloadType
@@ -89,14 +91,22 @@ class ExecutionPlan:
     downloads: tuple[Transfer, ...]  # in the order they become ready
     stage_of: tuple[int, ...]  # plan.graph id -> stage index
     last_use: Mapping[int, int]  # value node id -> node id of its last reader
-    peak_bytes: int  # activations alive at once, at most (static estimate)
-    activation_bytes: int  # all activations added up: what running without frees would hold
     weight_bytes: int
     stream: tuple[int, ...] = ()  # input positions sent in their own frames after the run, in order
 
-    def fused_graph(self) -> Graph:
-        """The graph to run: each fusion group is one ``genie.*`` node (same as ``plan.graph``)."""
-        return self.graph
+    @property
+    def peak_bytes(self) -> int:
+        """Activations alive at once, at most (static estimate; computed when first asked)."""
+        return self._liveness[0]
+
+    @property
+    def activation_bytes(self) -> int:
+        """All activations added up: what running without frees would hold."""
+        return self._liveness[1]
+
+    @cached_property
+    def _liveness(self) -> tuple[int, int]:
+        return _liveness(self.graph, self.residency)
 
     def stage_schedule(self) -> StageSchedule:
         """What an executor needs to run ``plan.graph`` in these stages (sent with a run)."""
@@ -146,3 +156,46 @@ class ExecutionPlan:
     def __repr__(self) -> str:
         return (f"<ExecutionPlan {self.key[:12]} {self.workload}/{self.phase} {len(self.stages)} stages, "
                 f"{len(self.fusion_groups)} fused>")
+
+
+def _liveness(g: Graph, residency: dict[int, Residency]) -> tuple[int, int]:
+    """(peak, total) bytes of activations when each storage is freed after its last reader."""
+    size: dict[int, int] = {}
+    owner: dict[int, int] = {}
+    for n in g.nodes:
+        for i, s in enumerate(n.storages):
+            size[s] = max(size.get(s, 0), _extent(n.outputs[i]))
+            owner.setdefault(s, n.id)
+    kept = {g.nodes[r.node].storages[r.index] for r in g.outputs}
+    counted = {s for s, nid in owner.items()
+               if residency.get(nid) is Residency.ACTIVATION or residency.get(nid) is Residency.OUTPUT
+               or (residency.get(nid) is Residency.KV_CACHE and g.nodes[nid].op not in SOURCE_OPS)}
+    last: dict[int, int] = {}
+    ops = operands(g)
+    for n in g.nodes:
+        for r in ops[n.id]:
+            s = g.nodes[r.node].storages[r.index]
+            last[s] = n.id
+        for s in (*n.storages, *n.writes):
+            last[s] = max(last.get(s, n.id), n.id)
+    frees: dict[int, list[int]] = {}
+    for s, nid in last.items():
+        if s in counted and s not in kept:
+            frees.setdefault(nid, []).append(s)
+    alive, peak, seen = 0, 0, set()
+    for n in g.nodes:
+        for s in n.storages:
+            if s in counted and s not in seen:
+                seen.add(s)
+                alive += size[s]
+        peak = max(peak, alive)
+        for s in frees.get(n.id, ()):
+            alive -= size[s]
+    return peak, sum(size[s] for s in counted)
+
+
+def _extent(m: TensorMeta) -> int:
+    if not m.shape or all(s > 0 for s in m.shape):
+        span = 1 + sum((s - 1) * st for s, st in zip(m.shape, m.stride, strict=False)) if m.shape else 1
+        return (m.offset + span) * m.dtype.itemsize
+    return 0

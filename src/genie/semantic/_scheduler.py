@@ -2,15 +2,19 @@
 
 Call tree::
 
-    Scheduler(...).schedule(graph, profile)           cached by plan key (digest + settings)
-      fusion_calls(graph, profile)                    FUSIONS table: match kind -> fused call
-        why_not_fusable(graph, call)                  the rewrite must keep every other value
-      fuse(graph, calls)                              the graph that runs (pure rewrite, _fuse)
-      _stages(plan_graph, ...)                        contiguous runs in program order:
+    Scheduler(...).schedule(graph, profile)           cached by plan key (digest, or structure)
+      key_by="structure", a cached skeleton:          no analysis
+        instantiate(recipe, graph)                    groups matched and annotated again, nodes
+                                                        rewritten by index (_instantiate)
+      otherwise:
+        fusion_calls(graph, profile)                  FUSIONS table: match kind -> fused call
+          why_not_fusable(graph, call)                the rewrite must keep every other value
+        fuse(graph, calls)                            the graph that runs (pure rewrite, _fuse)
+        _stage_starts(plan_graph, ...)                where stages start, in program order:
                                                         hard breaks: a large input's first use,
                                                                      after a large output is final
                                                         soft breaks: module blocks, merged by FLOPs
-      _residency / _transfers / _liveness             per value: where it lives, when it moves, frees
+      _assemble: StageSchedule.layout places every node; residency / transfers / liveness per value
 """
 
 from __future__ import annotations
@@ -18,22 +22,29 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from genie.graph import CONST, INPUT, RESIDENT, SOURCE_OPS, Graph, Ref
+import numpy as np
+
+from genie.graph import CONST, INPUT, RESIDENT, SOURCE_OPS, Graph, Ref, StageSchedule
+from genie.graph._template import Split, split, with_split
 from genie.semantic._analyzer import WorkloadProfile, analyze
 from genie.semantic._annotate import arg
-from genie.semantic._cost import graph_cost
-from genie.semantic._fuse import FusedCall, fuse, why_not_fusable
+from genie.semantic._cost import GraphCost, NodeCost, graph_cost, node_cost
+from genie.semantic._fuse import FusedCall, fuse_mapped, why_not_fusable
+from genie.semantic._instantiate import Recipe, instantiate, plan_split, wire_recipe
 from genie.semantic._lru import LRU
 from genie.semantic._match import operands
-from genie.semantic._patterns import Match, _common_module
+from genie.semantic._patterns import Match, PatternRegistry, _common_module
+from genie.semantic._phase import Phase, detect_phase
 from genie.semantic._plan import ExecutionPlan, FusionGroup, Residency, Stage, Transfer
+from genie.semantic._workload import WorkloadType
 
 # genie.kernels' limits (kernels/_attention.py HEAD_DIMS, _dispatch.FLOAT_DTYPES); semantic may not
 # import kernels, so they are repeated here and checked by the fused-execution tests.
 ATTENTION_HEAD_DIMS = (16, 32, 64, 128, 256)
+DECODE_MAX_Q_LEN = 16  # kernels/_decode.py MAX_Q_LEN: more queries than this run genie.attention
 
 
 # -- fusion: match kind -> how to call the fused op ---------------------------------------------------
@@ -46,6 +57,11 @@ def _attention_call(g: Graph, m: Match) -> FusedCall | str:
     kwargs = {"causal": bool(m["causal"])}
     if m.get("scale") is not None:
         kwargs["scale"] = float(m["scale"])
+    if m.get("q_len") is not None and m["q_len"] <= DECODE_MAX_Q_LEN and m["q_len"] < m["kv_len"]:
+        # a few new queries against a cache: flash-decoding over k, all of it valid (the same
+        # bottom-right causal convention). kv_len is a size: a re-instantiated plan derives it again.
+        return FusedCall("attention", "genie.decode_attention", m.nodes, m.root,
+                         (b["q"], b["k"], b["v"], int(m["kv_len"])), kwargs, (Ref(m.root, 0),), m.module)
     return FusedCall("attention", "genie.attention", m.nodes, m.root, (b["q"], b["k"], b["v"]), kwargs,
                      (Ref(m.root, 0),), m.module)
 
@@ -105,7 +121,14 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    """Pure and synchronous: (Graph, WorkloadProfile) in, ExecutionPlan out, cached by plan key."""
+    """Pure and synchronous: (Graph, WorkloadProfile) in, ExecutionPlan out, cached by plan key.
+
+    ``key_by="digest"`` caches a plan per graph digest (structure, shapes and weights).
+    ``key_by="structure"`` caches it per structure with sizes abstracted (``graph._template.split``):
+    a graph with the cached structure but other sizes (decode step n+1 after step n) gets the cached
+    plan re-instantiated on its sizes, with no analysis (``_instantiate``); what depends on sizes
+    is derived again, and a plan that does not hold any more is made cold.
+    """
 
     def __init__(self, *, fuse: bool = True, max_stages: int = 32, stream_min_bytes: int = 1 << 16,
                  early_output_min_bytes: int = 1 << 16, cache_size: int = 128,
@@ -113,31 +136,35 @@ class Scheduler:
                  key_by: str = "digest") -> None:
         if max_stages < 1:
             raise ValueError(f"max_stages must be >= 1, got {max_stages}")
-        if key_by == "structure":
-            raise NotImplementedError(
-                "Scheduler(key_by='structure'): plans keyed by structure with sizes abstracted (so that "
-                "decode step n+1 reuses step n's plan) are not built; plans are keyed by graph.digest")
-        if key_by != "digest":
+        if key_by not in ("digest", "structure"):
             raise ValueError(f"key_by must be 'digest' or 'structure', got {key_by!r}")
+        self.key_by = key_by
         self.config = SchedulerConfig(fuse, max_stages, stream_min_bytes, early_output_min_bytes)
         self.fusions = dict(FUSIONS if fusions is None else fusions)
         self._cache: LRU[str, ExecutionPlan] = LRU(cache_size)
+        self._shapes: LRU[str, _Cached] = LRU(cache_size)  # key_by="structure": per skeleton
+        self.reinstantiated = 0  # structure hits served by re-instantiation (no analysis)
 
     @property
     def hits(self) -> int:
-        return self._cache.hits
+        return self._cache.hits + self._shapes.hits
 
     @property
     def misses(self) -> int:
-        return self._cache.misses
+        return self._cache.misses + self._shapes.misses
 
     def key(self, graph: Graph, profile: WorkloadProfile) -> str:
         """The plan-cache key. ``graph.digest`` covers structure, shapes and weights."""
-        fusions = ",".join(sorted(self.fusions))
-        raw = f"{graph.digest}|r{profile.registry_version}|{self.config.fingerprint()}|{fusions}"
-        return hashlib.blake2b(raw.encode(), digest_size=16).hexdigest()
+        return _hash(f"{graph.digest}|r{profile.registry_version}|{self._settings()}")
+
+    def _settings(self) -> str:
+        return f"{self.config.fingerprint()}|{','.join(sorted(self.fusions))}"
 
     def schedule(self, graph: Graph, profile: WorkloadProfile | None = None) -> ExecutionPlan:
+        if self.key_by == "structure":
+            parts = split(graph)
+            if parts is not None:
+                return self._by_structure(graph, profile, parts)
         profile = profile if profile is not None else analyze(graph)
         if profile.digest != graph.digest:
             raise ValueError("schedule: the profile was computed for another graph "
@@ -146,45 +173,167 @@ class Scheduler:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        plan = self._schedule(graph, profile, key)
+        plan, _ = self._schedule(graph, profile, lambda ready: key)
         self._cache.put(key, plan)
         return plan
 
     def cached(self, key: str) -> ExecutionPlan | None:
         """The plan cached under ``key`` (what a server looks up when a client sends only the key)."""
-        return self._cache.peek(key)
+        hit = self._cache.peek(key)
+        if hit is None and self.key_by == "structure":
+            hit = next((c.plan for c in list(self._shapes._data.values()) if c.plan.key == key), None)
+        return hit
 
     def clear_cache(self) -> None:
         self._cache.clear()
+        self._shapes.clear()
+
+    # -- plans by structure --------------------------------------------------------------------------
+    def _by_structure(self, graph: Graph, profile: WorkloadProfile | None, parts: Split) -> ExecutionPlan:
+        version = profile.registry_version if profile is not None else PatternRegistry.default().version
+        skey = _hash(f"{parts.digest}|r{version}|{self._settings()}")
+        hit = self._shapes.get(skey)
+        if hit is not None:
+            if hit.strs == parts.strs and np.array_equal(hit.ints, parts.ints):
+                return hit.plan  # the very graph again
+            if hit.recipe is not None:
+                plan = self._reinstantiate(hit, graph, skey)
+                if plan is not None:
+                    self.reinstantiated += 1
+                    return plan
+        if profile is not None and profile.digest != graph.digest:
+            raise ValueError("schedule: the profile was computed for another graph "
+                             f"(digest {profile.digest[:12]}, graph {graph.digest[:12]})")
+        plan, recipe = self._schedule(graph, profile if profile is not None else analyze(graph),
+                                      lambda ready: _hash(f"{skey}|{ready}"))
+        self._shapes.put(skey, _Cached(plan, recipe, parts.ints, parts.strs))
+        return plan
+
+    def _reinstantiate(self, hit: _Cached, graph: Graph, skey: str) -> ExecutionPlan | None:
+        recipe, old = hit.recipe, hit.plan
+        assert recipe is not None
+        made = instantiate(recipe, old.graph, graph, self.fusions)
+        if made is None:
+            return None
+        g, matches, calls = made
+        parts = split(graph)
+        if recipe.wire is not None and parts is not None:
+            wire = plan_split(recipe.wire, parts, g)
+            if wire is not None:  # the backend sends g by its template: spare emitting it
+                with_split(g, wire)
+        node_map = list(recipe.new_id)
+        fused = matches[:recipe.n_fused]
+        groups = tuple(FusionGroup(c.kind, c.op, c.members, node_map[c.root], c.module, dict(m.info))
+                       for c, m in zip(calls, fused, strict=True))
+        kv = {node_map[x] for m in matches[recipe.n_fused:] for x in (m.root, m.bindings["past"].node)
+              if node_map[x] >= 0}
+        phase = detect_phase(matches)[0] if old.phase is not Phase.NONE else Phase.NONE
+        cost = _costs_again(g, old.graph, recipe.costs)
+        return self._assemble(graph, g, node_map, groups, old.unfused, (), kv, old.workload, phase,
+                              lambda ready: _hash(f"{skey}|{ready}"), skey, cost=cost, old=old)
 
     # -- the plan ------------------------------------------------------------------------------------
-    def _schedule(self, src: Graph, profile: WorkloadProfile, key: str) -> ExecutionPlan:
+    def _schedule(self, src: Graph, profile: WorkloadProfile, key_of: Callable[[tuple[int, ...]], str],
+                  ) -> tuple[ExecutionPlan, Recipe | None]:
         cfg = self.config
         calls, unfused = fusion_calls(src, profile, self.fusions) if cfg.fuse else ([], [])
-        g, node_map = fuse(src, [c for c, _ in calls])
+        g, node_map, ref_map = fuse_mapped(src, [c for c, _ in calls])
         groups = tuple(FusionGroup(c.kind, c.op, c.members, node_map[c.root], c.module, dict(m.info))
                        for c, m in calls)
+        kv_matches = profile.by_kind("kv_cache_update")
+        kv = _kv_values(kv_matches, node_map)
         cost = graph_cost(g)
-        last_use = _last_uses(g)
-        kv_values = _kv_values(profile, node_map)
         out_ready = _output_ready(g)
-        residency = _residency(g, kv_values)
-        stage_of, bounds = _stages(g, cost.nodes, cfg, last_use, out_ready, residency)
-        stages = _stage_records(g, bounds, stage_of, last_use, out_ready, residency, cost.nodes)
+        residency = _residency(g, kv)
+        starts = _stage_starts(g, cost.nodes, cfg, out_ready, residency)
+        plan = self._assemble(src, g, node_map, groups, tuple(unfused), starts, kv, profile.workload,
+                              profile.phase, key_of, profile.digest, cost=cost)
+        recipe = None
+        if self.key_by == "structure":
+            recipe = _recipe(src, g, node_map, ref_map, [m for _, m in calls], kv_matches, cost.nodes)
+        return plan, recipe
+
+    def _assemble(self, src: Graph, g: Graph, node_map: list[int], groups: tuple[FusionGroup, ...],
+                  unfused: tuple, starts: tuple[int, ...], kv: set[int], workload: WorkloadType,
+                  phase: Phase, key_of: Callable[[tuple[int, ...]], str], source_digest: str,
+                  cost: GraphCost | None = None, old: ExecutionPlan | None = None) -> ExecutionPlan:
+        """The plan for the fused graph ``g`` cut at ``starts`` (or as ``old``, a plan for a graph of
+        the same structure, is cut): what follows from sizes is derived from ``g``."""
+        cost = cost if cost is not None else graph_cost(g)
+        out_ready = _output_ready(g)
+        residency = _residency(g, kv)
+        if old is None:
+            last_use = _last_uses(g)
+            stage_of, members = StageSchedule("", starts, ()).layout(g)
+            stages = _stage_records(g, members, stage_of, last_use, out_ready, residency, cost.nodes)
+        else:  # the stages' membership and every value's last reader are structural
+            last_use, stage_of = old.last_use, old.stage_of
+            stages = _restaged(old.stages, g, stage_of, out_ready, residency, cost.nodes)
         uploads, downloads = _transfers(g, stages, stage_of, out_ready, residency)
-        peak, total = _liveness(g, residency)
         weight_bytes = sum(t.nbytes for t in uploads if t.pinned)
         # large inputs follow the run in their own frames, first use first: early stages start
         # computing while they are still arriving
-        stream = tuple(t.key for t in uploads if not t.pinned and t.nbytes >= cfg.stream_min_bytes)
-        return ExecutionPlan(key, src.digest, g, tuple(node_map), profile.workload, profile.phase,
-                             tuple(stages), groups, tuple(unfused), residency, uploads, downloads,
-                             tuple(stage_of), last_use, peak, total, weight_bytes, stream)
+        stream = tuple(t.key for t in uploads if not t.pinned and t.nbytes >= self.config.stream_min_bytes)
+        key = key_of(tuple(stage_of[r] for r in out_ready))
+        return ExecutionPlan(key, source_digest, g, tuple(node_map), workload, phase,
+                             tuple(stages), groups, unfused, residency, uploads, downloads,
+                             tuple(stage_of), last_use, weight_bytes, stream)
+
+
+@dataclass(frozen=True)
+class _Cached:
+    plan: ExecutionPlan
+    recipe: Recipe | None  # None: this plan cannot be re-instantiated (an ambiguous rule)
+    ints: np.ndarray  # the split of the graph it was made for: the same graph is the same plan
+    strs: list[str]
+
+
+def _costs_again(g: Graph, old: Graph, costs: tuple[NodeCost, ...]) -> GraphCost:
+    """``graph_cost(g)``, reusing the cost of each node of ``old`` (same structure) whose args,
+    outputs and operands' outputs did not move: a decode step resizes about a third of them."""
+    ops = operands(g)
+    moved = [a.outputs != b.outputs or a.args != b.args or a.kwargs != b.kwargs
+             for a, b in zip(g.nodes, old.nodes, strict=True)]
+    per = tuple(node_cost(g, n) if moved[n.id] or any(moved[r.node] for r in ops[n.id]) else costs[n.id]
+                for n in g.nodes)
+    return GraphCost(per, sum(c.flops for c in per), sum(c.bytes for c in per))
+
+
+def _hash(raw: str) -> str:
+    return hashlib.blake2b(raw.encode(), digest_size=16).hexdigest()
+
+
+def _recipe(src: Graph, g: Graph, node_map: list[int], ref_map: dict[Ref, Ref], fused: list[Match],
+            kv: tuple[Match, ...], costs: tuple[NodeCost, ...]) -> Recipe | None:
+    rules = []
+    for m in (*fused, *kv):
+        found = PatternRegistry.default()._rules_named(m.kind, m.form)
+        if len(found) != 1:
+            return None  # a rule of another registry, or two of one name: plan such graphs cold
+        rules.append(found[0])
+    src_of = [0] * len(g.nodes)
+    for i, j in enumerate(node_map):
+        if j >= 0:
+            src_of[j] = i
+    every = (*fused, *kv)
+    fused_at = {node_map[m.root]: k for k, m in enumerate(fused)}
+    return Recipe(tuple(rules), tuple(m.root for m in every), tuple(m.nodes for m in every),
+                  tuple(m.module for m in every), len(fused), tuple(src_of), fused_at,
+                  tuple(src.nodes[i].args for i in src_of), tuple(src.nodes[i].kwargs for i in src_of),
+                  dict(ref_map), tuple(node_map), wire_recipe(src, g, tuple(src_of), fused_at), costs)
 
 
 @functools.cache  # one shared instance; a racing first call builds a spare, harmlessly
 def default_scheduler() -> Scheduler:
     return Scheduler()
+
+
+@functools.cache
+def run_scheduler() -> Scheduler:
+    """The scheduler every run path uses (device-mode flushes, ``genie.execute``, compile replays):
+    plans keyed by structure, so a graph that differs from a planned one only by sizes pays no
+    analysis."""
+    return Scheduler(key_by="structure")
 
 
 def schedule(graph: Graph, profile: WorkloadProfile | None = None) -> ExecutionPlan:
@@ -202,10 +351,10 @@ def _last_uses(g: Graph) -> dict[int, int]:
     return last
 
 
-def _kv_values(profile: WorkloadProfile, node_map: list[int]) -> set[int]:
+def _kv_values(matches: tuple[Match, ...], node_map: list[int]) -> set[int]:
     """plan.graph ids of KV cache values: the past (if resident) and the updated cache."""
     out = set()
-    for m in profile.by_kind("kv_cache_update"):
+    for m in matches:
         for nid in (m.root, m.bindings["past"].node):
             if node_map[nid] >= 0:
                 out.add(node_map[nid])
@@ -254,32 +403,20 @@ def _block(module: str) -> str:
     return ".".join(parts[:2])
 
 
-def _stages(g: Graph, costs, cfg: SchedulerConfig, last_use: dict[int, int], out_ready: list[int],
-            residency: dict[int, Residency]) -> tuple[list[int], list[tuple[int, int]]]:
+def _stage_starts(g: Graph, costs, cfg: SchedulerConfig, out_ready: list[int],
+                  residency: dict[int, Residency]) -> tuple[int, ...]:
+    """Where stages start (compute node ids): ``StageSchedule.layout`` places every node from these.
+
+    Hard breaks: a large input's first reader. Early breaks: just after a large output is final.
+    Soft breaks: module block boundaries, taken once a stage holds its share of the FLOPs.
+    """
     compute = [n.id for n in g.nodes if n.op not in SOURCE_OPS]
     if not compute:
-        return [0] * len(g.nodes), [(0, len(g.nodes))]
-    first_use: dict[int, int] = {}
-    ops = operands(g)
-    for n in g.nodes:
-        for r in ops[n.id]:
-            first_use.setdefault(r.node, n.id)
-    hard: set[int] = set()  # compute node ids that must start a stage: a large input arrives
-    for n in g.nodes:
-        if n.op == INPUT and n.outputs[0].nbytes >= cfg.stream_min_bytes and n.id in first_use:
-            hard.add(first_use[n.id])
-    early: set[int] = set()  # ... and should: a large output is final just before it
-    pos = {nid: i for i, nid in enumerate(compute)}
-    for i, r in enumerate(g.outputs):
-        if residency.get(r.node) is Residency.OUTPUT and g.meta(r).nbytes >= cfg.early_output_min_bytes:
-            p = pos.get(out_ready[i])
-            if p is not None and p + 1 < len(compute):
-                early.add(compute[p + 1])
+        return ()
+    hard, early = _hard_breaks(g, cfg, out_ready, residency, compute)
     soft = {compute[i] for i in range(1, len(compute))
             if _block(g.nodes[compute[i]].module) != _block(g.nodes[compute[i - 1]].module)}
-    hard.discard(compute[0])
-    total = sum(costs[nid].flops for nid in compute) or 1
-    target = total / cfg.max_stages
+    target = (sum(costs[nid].flops for nid in compute) or 1) / cfg.max_stages
     suffix, run = {}, 0
     for nid in reversed(compute):
         run += costs[nid].flops
@@ -297,33 +434,38 @@ def _stages(g: Graph, costs, cfg: SchedulerConfig, last_use: dict[int, int], out
     for nid in compute:
         owner = nid if nid in flops else owner
         flops[owner] += costs[nid].flops
-    starts = [s for i, s in enumerate(starts) if i == 0 or s in hard or flops[s] >= target / 2
-              or i + 1 == len(starts)]
-    # stage of each compute node; each source joins the stage of its first reader
-    stage_of = [0] * len(g.nodes)
-    k = -1
-    start_set = set(starts)
-    for nid in compute:
-        if nid in start_set:
-            k += 1
-        stage_of[nid] = k
-    for n in g.nodes:
-        if n.op in SOURCE_OPS:
-            stage_of[n.id] = stage_of[first_use[n.id]] if n.id in first_use else max(k, 0)
-    bounds = []
-    for i, s in enumerate(starts):
-        end = starts[i + 1] if i + 1 < len(starts) else len(g.nodes)
-        bounds.append((s, end))
-    return stage_of, bounds
+    return tuple(s for i, s in enumerate(starts) if i == 0 or s in hard or flops[s] >= target / 2
+                 or i + 1 == len(starts))
 
 
-def _stage_records(g: Graph, bounds, stage_of: list[int], last_use: dict[int, int], out_ready: list[int],
-                   residency: dict[int, Residency], costs) -> list[Stage]:
-    members: list[list[int]] = [[] for _ in bounds]
+def _hard_breaks(g: Graph, cfg: SchedulerConfig, out_ready: list[int], residency: dict[int, Residency],
+                 compute: list[int]) -> tuple[set[int], set[int]]:
+    """(first readers of large inputs, nodes right after a large output is final)."""
+    first_use: dict[int, int] = {}
     for n in g.nodes:
-        members[stage_of[n.id]].append(n.id)
+        for r in operands(g)[n.id]:
+            first_use.setdefault(r.node, n.id)
+    hard = {first_use[n.id] for n in g.nodes
+            if n.op == INPUT and n.outputs[0].nbytes >= cfg.stream_min_bytes and n.id in first_use}
+    hard.discard(compute[0])
+    early: set[int] = set()
+    pos = {nid: i for i, nid in enumerate(compute)}
+    for i, r in enumerate(g.outputs):
+        if residency.get(r.node) is Residency.OUTPUT and g.meta(r).nbytes >= cfg.early_output_min_bytes:
+            p = pos.get(out_ready[i])
+            if p is not None and p + 1 < len(compute):
+                early.add(compute[p + 1])
+    return hard, early
+
+
+def _stage_records(g: Graph, members: list[list[int]], stage_of: list[int], last_use: dict[int, int],
+                   out_ready: list[int], residency: dict[int, Residency], costs) -> list[Stage]:
     out_nodes = {r.node for r in g.outputs}
     ops = operands(g)
+    frees: dict[int, list[int]] = {}  # stage -> values dead once it ends
+    for v, u in last_use.items():
+        if v not in out_nodes and residency.get(v) in (Residency.ACTIVATION, Residency.INPUT):
+            frees.setdefault(stage_of[u], []).append(v)
     stages = []
     for k, ids in enumerate(members):
         inside = set(ids)
@@ -335,16 +477,34 @@ def _stage_records(g: Graph, bounds, stage_of: list[int], last_use: dict[int, in
                                          blocks[0] if blocks else "(outside modules)")
         ready = tuple(i for i, nid in enumerate(out_ready) if stage_of[nid] == k)
         keep = tuple(i for i in ready if residency.get(g.outputs[i].node) is Residency.KV_CACHE)
-        frees = tuple(v for v, u in last_use.items() if stage_of[u] == k and v not in out_nodes
-                      and residency.get(v) in (Residency.ACTIVATION, Residency.INPUT))
         stages.append(Stage(
             k, name, tuple(ids), needs,
             tuple(g.nodes[nid].args[0] for nid in ids if g.nodes[nid].op == INPUT),
             tuple(g.nodes[nid].args[0] for nid in ids if g.nodes[nid].op == CONST),
-            ready, keep, tuple(sorted(frees)),
+            ready, keep, tuple(sorted(frees.get(k, ()))),
             tuple(nid for nid in compute if g.nodes[nid].op.startswith("genie.")),
             sum(costs[nid].flops for nid in compute), sum(costs[nid].bytes for nid in compute)))
     return stages
+
+
+def _restaged(old: tuple[Stage, ...], g: Graph, stage_of: tuple[int, ...], out_ready: list[int],
+              residency: dict[int, Residency], costs) -> list[Stage]:
+    """``old``'s stages on a graph of the same structure: membership, needs, names and frees are
+    structural and kept; what a node's ints or a constant's digest decide is derived from ``g``."""
+    ready: list[list[int]] = [[] for _ in old]
+    for i, nid in enumerate(out_ready):
+        ready[stage_of[nid]].append(i)
+    out = []
+    for s in old:
+        nodes = [g.nodes[nid] for nid in s.nodes]
+        compute = [n.id for n in nodes if n.op not in SOURCE_OPS]
+        out.append(replace(
+            s, uploads=tuple(n.args[0] for n in nodes if n.op == INPUT),
+            weights=tuple(n.args[0] for n in nodes if n.op == CONST), ready_outputs=tuple(ready[s.index]),
+            keep_outputs=tuple(i for i in ready[s.index]
+                               if residency.get(g.outputs[i].node) is Residency.KV_CACHE),
+            flops=sum(costs[nid].flops for nid in compute), bytes=sum(costs[nid].bytes for nid in compute)))
+    return out
 
 
 def _transfers(g: Graph, stages: list[Stage], stage_of: list[int], out_ready: list[int],
@@ -370,46 +530,3 @@ def _transfers(g: Graph, stages: list[Stage], stage_of: list[int], out_ready: li
         downs.append(Transfer("download", r.node, f"output {i}", i, g.meta(r).nbytes, stage_of[out_ready[i]]))
     downs.sort(key=lambda t: (t.stage, t.key))
     return tuple(t for _, t in ups), tuple(downs)
-
-
-def _liveness(g: Graph, residency: dict[int, Residency]) -> tuple[int, int]:
-    """(peak, total) bytes of activations when each storage is freed after its last reader."""
-    size: dict[int, int] = {}
-    owner: dict[int, int] = {}
-    for n in g.nodes:
-        for i, s in enumerate(n.storages):
-            size[s] = max(size.get(s, 0), _extent(n.outputs[i]))
-            owner.setdefault(s, n.id)
-    kept = {g.nodes[r.node].storages[r.index] for r in g.outputs}
-    counted = {s for s, nid in owner.items()
-               if residency.get(nid) is Residency.ACTIVATION or residency.get(nid) is Residency.OUTPUT
-               or (residency.get(nid) is Residency.KV_CACHE and g.nodes[nid].op not in SOURCE_OPS)}
-    last: dict[int, int] = {}
-    ops = operands(g)
-    for n in g.nodes:
-        for r in ops[n.id]:
-            s = g.nodes[r.node].storages[r.index]
-            last[s] = n.id
-        for s in (*n.storages, *n.writes):
-            last[s] = max(last.get(s, n.id), n.id)
-    frees: dict[int, list[int]] = {}
-    for s, nid in last.items():
-        if s in counted and s not in kept:
-            frees.setdefault(nid, []).append(s)
-    alive, peak, seen = 0, 0, set()
-    for n in g.nodes:
-        for s in n.storages:
-            if s in counted and s not in seen:
-                seen.add(s)
-                alive += size[s]
-        peak = max(peak, alive)
-        for s in frees.get(n.id, ()):
-            alive -= size[s]
-    return peak, sum(size[s] for s in counted)
-
-
-def _extent(m) -> int:
-    if not m.shape or all(s > 0 for s in m.shape):
-        span = 1 + sum((s - 1) * st for s, st in zip(m.shape, m.stride, strict=False)) if m.shape else 1
-        return (m.offset + span) * m.dtype.itemsize
-    return 0

@@ -1,7 +1,6 @@
-"""The executor side: interpreter, stores, and (with the wire) ``genie serve``."""
+"""The executor side: interpreter, the one execution path, stores, and (with the wire) ``genie serve``."""
 
 from genie.server._interpreter import Interpreter
-from genie.server._local import LocalBackend
-from genie.server._session import Store
+from genie.server._session import InProcessExecutor, execute
 
-__all__ = ["Interpreter", "LocalBackend", "Store"]
+__all__ = ["InProcessExecutor", "Interpreter", "execute"]

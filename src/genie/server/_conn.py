@@ -9,18 +9,22 @@ Call tree::
                                         ``cancel`` at once: the run's Cancel is set (see on_run)
       work_loop()                       one message at a time, in the order received:
         HANDLERS[kind](msg)               has, upload, run, fetch, free, stats
-          run: plan (graph | slot) -> Graph; inline constants (digest checked); then, in a
-               worker thread: stage inputs, compute, keep; results go to the send task
+          run: plan (graph | slot, its corrections in the header or two vectors) -> Graph; inline
+               constants (digest checked); then, in a worker thread: stage inputs, compute, keep;
+               a tiny run (``_tiny``: CPU, no stages, few nodes and bytes) runs on the event loop
+               instead, holding a compute slot and its memory reservation like any other
           run with stages: StagedInterpreter; a streamed input is waited for (the compute slot
                lent meanwhile) when its first reader's stage starts; each fetched output final
                before the end goes to the send task as a ``part`` when its stage ends
           run cancelled: the worker stops at its next node (a staged run: node or stage) boundary,
                waits on the event loop end, its inputs and slot are let go; reply: error ``cancelled``
-      send_loop()                       replies -> bytes -> socket
+      send_loop()                       replies -> bytes -> socket (a small reply with nothing
+                                        queued before it is written by the work task at once)
       finally: residents freed; a run still waiting for streamed inputs is failed
 
 Work is ordered per connection (a free queued after a run must not overtake it) but runs in worker
-threads, so a long compute never stops the event loop from serving other connections. A frame that
+threads, so a long compute never stops the event loop from serving other connections; only a run
+whose cost is bounded by a few KiB touched runs on the loop, where a thread hop would cost more. A frame that
 breaks the protocol closes this connection only; an error inside a run becomes an ``error`` reply.
 
 Results are sent from the tensors themselves, without a copy. So a run that writes to a resident
@@ -52,7 +56,7 @@ from genie._errors import (
     RemoteProtocolError,
 )
 from genie.graph import CONST, RESIDENT, SOURCE_OPS, Graph, StageSchedule
-from genie.graph._template import Template, apply, predict, split
+from genie.graph._template import Template, apply, fix_lists, predict, split
 from genie.graph._wire import graph_from_bytes
 from genie.server._inbound import Inbound
 from genie.server._job import Cancel, Job, JobResult, Lender, run_job, written_sources
@@ -69,7 +73,9 @@ from genie.transport import (
     close_now,
     error_message,
     receive_message,
+    send_now,
     send_parts,
+    writable_now,
 )
 
 if TYPE_CHECKING:
@@ -78,6 +84,7 @@ if TYPE_CHECKING:
 INLINE_BYTES = 1 << 20  # a constant this small is checked and stored on the event loop
 HEAVY_BYTES = 64 << 10  # a graph this big is decoded in a worker thread, off the event loop
 HEAVY_FILLS = 1024  # ... and a template fill with this many corrections
+SMALL_REPLY = 32 << 10  # payload bytes of a reply written at once by the work task (see _reply)
 TINY_NODES = 32  # a run this small (in nodes and in bytes touched) runs on the event loop
 TINY_BYTES = 64 << 10
 # a run's graph, how many buffers described it, its stage schedule and layout, its predicted peak
@@ -106,7 +113,9 @@ class Connection:
                               max_buffers=lim.max_buffers, allocate=self._allocate)
         self.residents = Residents(server.pool)
         self.slots: dict[int, Slot] = {}
-        self.outbox, self._outbox_recv = trio.open_memory_channel[Message](math.inf)
+        self.outbox, self._outbox_recv = trio.open_memory_channel[Message | memoryview](math.inf)
+        self._queued = 0  # outbox items not yet written: a reply may skip the queue only when 0
+        self._raw = writable_now(stream)
         self.work, self._work_recv = trio.open_memory_channel[Message](64)
         self.work_scope = trio.CancelScope()
         self._in_flight = 0  # result messages queued or being written
@@ -178,7 +187,7 @@ class Connection:
         self.work_scope.cancel()
         self._abort_inbound(exc)
         with contextlib.suppress(trio.ClosedResourceError):
-            self.outbox.send_nowait(error_message(req_id, exc))
+            self._queue(error_message(req_id, exc))
             self.outbox.close()
         self._nursery.cancel_scope.deadline = trio.current_time() + 2
 
@@ -228,7 +237,7 @@ class Connection:
                 if msg.refused is not None:
                     self._refuse(msg, msg.refused)
                 elif msg.kind == "ping":
-                    self.outbox.send_nowait(Message("pong", {"id": msg["id"]}))
+                    self._queue(Message("pong", {"id": msg["id"]}))
                 elif msg.kind == "input":
                     await self._on_input(msg)
                 elif msg.kind == "cancel":
@@ -257,7 +266,7 @@ class Connection:
             self.inbound[msg["id"]].run_done = True
             self.inbound[msg["id"]].abort(exc)
         if "id" in msg.fields:
-            self.outbox.send_nowait(error_message(msg["id"], exc))
+            self._queue(error_message(msg["id"], exc))
 
     def _expect_inputs(self, msg: Message) -> None:
         req_id = msg["id"]
@@ -296,23 +305,54 @@ class Connection:
         for inbound in self.inbound.values():
             inbound.abort(exc)
 
+    def _queue(self, msg: Message | memoryview) -> None:
+        self._queued += 1
+        self.outbox.send_nowait(msg)
+
+    def _reply(self, msg: Message) -> None:
+        """Send a reply: a small one at once from this task when nothing is queued before it (a
+        pass of the loop saved; what the socket does not take goes first in the outbox), else
+        through the send task. Sent at once, its bytes are copied out: no result stays in flight."""
+        raw = self._raw
+        if raw is None or self._queued or sum(_nbytes(b) for b in msg.buffers) > SMALL_REPLY:
+            if msg.kind == "result" and msg.buffers:
+                self._in_flight += 1  # fetched values may be residents: see on_run
+            self._queue(msg)
+            return
+        if msg.kind in ("result", "error"):
+            self._send_logs.pop(msg["id"], None)  # a traced result's timeline holds the list
+        t0 = time.perf_counter_ns()
+        rest = send_now(raw, self.proto.send(msg))
+        self.server.stats["send_seconds"] += (time.perf_counter_ns() - t0) / 1e9
+        if rest:
+            self._queue(rest)
+
     async def send_loop(self) -> None:
-        stats = self.server.stats
         async for msg in self._outbox_recv:
-            if msg.kind in ("result", "error"):
-                self._send_logs.pop(msg["id"], None)  # a traced result's timeline holds the list
-            t0 = time.perf_counter_ns()
-            await send_parts(self.stream, self.proto.send(msg))
-            t1 = time.perf_counter_ns()
-            stats["send_seconds"] += (t1 - t0) / 1e9
-            if msg.kind == "part" and msg["id"] in self._send_logs:
-                self._send_logs[msg["id"]].append([f"send output {msg['output']}", t0, t1])
-            if msg.kind in ("result", "part") and msg.buffers:
-                self._in_flight -= 1
-                if not self._in_flight:
-                    self._sent.set()
-                    self._sent = trio.Event()
+            try:
+                await self._send(msg)
+            finally:
+                self._queued -= 1
         # the outbox is closed only by fatal(): all is said, so returning ends the connection
+
+    async def _send(self, msg: Message | memoryview) -> None:
+        stats = self.server.stats
+        if isinstance(msg, memoryview):  # the rest of a reply ``_reply`` began
+            await send_parts(self.stream, [msg])
+            return
+        if msg.kind in ("result", "error"):
+            self._send_logs.pop(msg["id"], None)  # a traced result's timeline holds the list
+        t0 = time.perf_counter_ns()
+        await send_parts(self.stream, self.proto.send(msg))
+        t1 = time.perf_counter_ns()
+        stats["send_seconds"] += (t1 - t0) / 1e9
+        if msg.kind == "part" and msg["id"] in self._send_logs:
+            self._send_logs[msg["id"]].append([f"send output {msg['output']}", t0, t1])
+        if msg.kind in ("result", "part") and msg.buffers:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._sent.set()
+                self._sent = trio.Event()
 
     async def work_loop(self) -> None:
         with self.work_scope:
@@ -330,9 +370,7 @@ class Connection:
                     self._working -= 1
                     self._active = trio.current_time()
                 if reply is not None and not self.closing:
-                    if reply.kind == "result" and reply.buffers:
-                        self._in_flight += 1  # fetched values may be residents: see on_run
-                    self.outbox.send_nowait(reply)
+                    self._reply(reply)
         await trio.sleep_forever()  # fatal(): the send task finishes the conversation
 
     # -- handlers -------------------------------------------------------------------------------
@@ -504,7 +542,8 @@ class Connection:
         if plan == "graph":
             return bool(bufs) and isinstance(bufs[0], memoryview) and len(bufs[0]) > HEAVY_BYTES
         slot = self.slots.get(msg.get("slot")) if type(msg.get("slot")) is int else None
-        return slot is None or not slot.filled or (bool(bufs) and len(bufs[0]) > HEAVY_FILLS)
+        return slot is None or not slot.filled or ("fix" not in msg.fields and bool(bufs)
+                                                   and len(bufs[0]) > HEAVY_FILLS)
 
     def _prepare(self, msg: Message) -> _Decoded:
         graph, n_plan = self._plan(msg)
@@ -535,7 +574,7 @@ class Connection:
     def _queue_part(self, req_id: int, pos: int, host: torch.Tensor) -> None:
         if not self.closing:
             self._in_flight += 1
-            self.outbox.send_nowait(Message("part", {"id": req_id, "output": pos}, [host]))
+            self._queue(Message("part", {"id": req_id, "output": pos}, [host]))
 
     def _plan(self, msg: Message) -> tuple[Graph, int]:
         """The graph a run names, and how many leading buffers described it."""
@@ -548,7 +587,7 @@ class Connection:
                 self._register(msg, graph)
             return graph, 1
         if plan == "slot":
-            return self._fill(msg), 2
+            return self._fill(msg)
         raise RemoteProtocolError(f"run message: unknown plan {plan!r:.40}")
 
     def _register(self, msg: Message, graph: Graph) -> None:
@@ -565,18 +604,26 @@ class Connection:
             template = self.server.templates[parts.digest] = Template(parts.skeleton)
         self.slots[slot] = Slot(template, parts.ints, parts.ints, parts.strs, graph, filled=False)
 
-    def _fill(self, msg: Message) -> Graph:
+    def _fill(self, msg: Message) -> tuple[Graph, int]:
+        """The graph of a slot run, and how many buffers carried its corrections: none when they
+        came in the header (``fix``, a few ints), else two vectors."""
         slot = self.slots.get(msg["slot"]) if type(msg.get("slot")) is int else None
         if slot is None or msg.get("check") != slot.template.digest:
             raise RemoteProtocolError("run message: unknown plan slot, or its template differs")
-        if len(msg.buffers) < 2:
-            raise RemoteProtocolError("run message: plan 'slot' needs its corrections")
-        idx, vals = msg.buffers[0], msg.buffers[1]
-        if not (isinstance(idx, torch.Tensor) and idx.dtype == torch.int32 and idx.dim() == 1
-                and isinstance(vals, torch.Tensor) and vals.dtype == torch.int64
-                and vals.shape == idx.shape):
-            raise RemoteProtocolError("run message: corrections must be int32 and int64 vectors")
-        ints = apply(predict(slot.last, slot.prev), idx.numpy(), vals.numpy())
+        if "fix" in msg.fields:
+            n_plan = 0
+            idx_a, vals_a = fix_lists(msg["fix"], len(slot.last))
+        else:
+            n_plan = 2
+            if len(msg.buffers) < 2:
+                raise RemoteProtocolError("run message: plan 'slot' needs its corrections")
+            idx, vals = msg.buffers[0], msg.buffers[1]
+            if not (isinstance(idx, torch.Tensor) and idx.dtype == torch.int32 and idx.dim() == 1
+                    and isinstance(vals, torch.Tensor) and vals.dtype == torch.int64
+                    and vals.shape == idx.shape):
+                raise RemoteProtocolError("run message: corrections must be int32 and int64 vectors")
+            idx_a, vals_a = idx.numpy(), vals.numpy()
+        ints = apply(predict(slot.last, slot.prev), idx_a, vals_a)
         strs = list(slot.strs)
         for pair in msg.get("strs", []):
             if not (isinstance(pair, list) and len(pair) == 2 and type(pair[0]) is int
@@ -589,7 +636,7 @@ class Connection:
             graph = slot.template.fill(ints, strs)
         slot.prev, slot.last, slot.strs, slot.graph, slot.filled = slot.last, ints, strs, graph, True
         self.server.stats["plan_cache_hits"] += 1
-        return graph
+        return graph, n_plan
 
 
 HANDLERS: dict[str, Callable[[Connection, Message], Awaitable[Message | None]]] = {
@@ -615,6 +662,10 @@ def _tiny(job: Job, cuda: bool) -> bool:
         for m in n.outputs:
             total += _numel(m.shape) * m.dtype.itemsize
     return total <= TINY_BYTES
+
+
+def _nbytes(b: torch.Tensor | memoryview | bytes) -> int:
+    return b.numel() * b.element_size() if isinstance(b, torch.Tensor) else memoryview(b).nbytes
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -3,13 +3,14 @@
 Call tree::
 
     run_job(job, server=, residents=, lender=, send_part=)        in a worker thread
-      _interpreter(job, ...)          plain Interpreter, or StagedInterpreter when the run has stages:
-        get_input(pos)                  inline, or Inbound.wait(pos) with the compute slot lent out
-        on_output(i, value)             host copy -> send_part(...) on the event loop, per fetch
-                                        position, for outputs final before the last stage
       pool.pinned(consts)
-        private_constants(graph, written)   each CONST node the program writes: its own copy
-        check inputs; device.compute(interp.run)
+        check inputs
+        _stage_hooks(job, ...)        a run with stages:
+          get_input(pos)                inline, or Inbound.wait(pos) with the compute slot lent out
+          on_output(i, value)           host copy -> send_part(...) on the event loop, per fetch
+                                        position, for outputs final before the last stage
+        _session.execute(...)         the one path: private constants, (Staged)Interpreter, in
+                                      device.compute
           after every node: job.cancel.check()   the client cancelled: RunCancelledError, and the
                                                  values, the slot and the thread are let go
         check_untouched(...)                a shared constant that changed anyway: the run fails
@@ -18,10 +19,8 @@ Call tree::
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from collections import ChainMap
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,13 +28,12 @@ import torch
 import trio
 
 from genie._errors import GenieError, RemoteExecutionError
-from genie.graph import CONST, Graph, Node, StageSchedule, TensorMeta
-from genie.graph import written_sources as _derived_writes
+from genie.graph import Graph, Node, StageSchedule, TensorMeta
 from genie.graph._wire import encode_meta
 from genie.server._inbound import Inbound
-from genie.server._interpreter import Interpreter
 from genie.server._residency import Residents
-from genie.server._staged import StagedInterpreter
+from genie.server._session import execute
+from genie.server._session import written_sources as written_sources  # _conn derives writes by it
 from genie.transport import RunCancelledError
 
 if TYPE_CHECKING:
@@ -125,26 +123,24 @@ class Lender:
 
 def run_job(job: Job, *, server: Server, residents: Residents, lender: Lender | None,
             send_part: Callable[[int, int, torch.Tensor], None]) -> JobResult:
-    """Run; keep what is kept; say what is left to send."""
+    """Run (by ``_session.execute``, the one path); keep what is kept; say what is left to send."""
     t0 = time.perf_counter()
-    graph = job.graph
     with server.pool.pinned(job.consts):
-        clones: dict[str, torch.Tensor] = {}
-        if job.written:  # constants are shared by every client: a program writes to its own copies
-            graph, clones = private_constants(graph, job.written, server.pool)
-        interp, early = _interpreter(job, graph, server, residents, lender, send_part)
         if job.cancel is not None:  # cancelled while it waited for the slot, or from now on
             job.cancel.check()
-            interp.on_node = job.cancel.check
-        if clones:
-            interp.constants = ChainMap(clones, server.pool)
         versions = {d: server.pool[d]._version for d in dict.fromkeys(job.consts)}
         try:
-            check_inputs(graph, job.inputs)
+            check_inputs(job.graph, job.inputs)
         except (TypeError, GenieError) as e:
             raise RemoteExecutionError(str(e), op="genie.input") from e
+        early: list[int] = []
+        hooks = _stage_hooks(job, server, lender, send_part, early) if job.schedule is not None else {}
         try:
-            values = server.device.compute(lambda: interp.run(job.inputs))
+            values, tl = execute(job.graph, job.inputs, device=server.device.device, constants=server.pool,
+                                 residents=residents, schedule=job.schedule, layout=job.layout,
+                                 written=job.written, meter=job.trace,
+                                 on_node=job.cancel.check if job.cancel is not None else None,
+                                 compute=server.device.compute, **hooks)
         finally:
             check_untouched(server.pool, versions)
     server.stats["compute_seconds"] += time.perf_counter() - t0
@@ -152,21 +148,19 @@ def run_job(job: Job, *, server: Server, residents: Residents, lender: Lender | 
     metas = [encode_meta(TensorMeta.of(values[i])) for i in job.keep]
     fetched = [values[i] for p, i in enumerate(job.fetch) if p not in early]
     timeline = None
-    if job.trace and isinstance(interp, StagedInterpreter):
+    if job.trace and tl is not None:
         receives = [["receive run", *job.received], *(job.inbound.received if job.inbound else [])]
-        timeline = {**interp.timeline.to_wire(), "receives": receives,
+        timeline = {**tl.to_wire(), "receives": receives,
                     "sends": job.send_log if job.send_log is not None else []}
     return JobResult(handles, metas, fetched, early, timeline)
 
 
-def _interpreter(job: Job, graph: Graph, server: Server, residents: Residents, lender: Lender | None,
-                 send_part: Callable[[int, int, torch.Tensor], None]) -> tuple[Interpreter, list[int]]:
-    """The interpreter for ``job`` over ``graph`` (its own, or with private constants), and the
-    list that fetch positions sent early are added to."""
-    device, early = server.device, []
-    if job.schedule is None:
-        return Interpreter(graph, device=device.device, constants=server.pool, residents=residents), early
-    inbound = job.inbound
+def _stage_hooks(job: Job, server: Server, lender: Lender | None,
+                 send_part: Callable[[int, int, torch.Tensor], None], early: list[int]) -> dict:
+    """A staged run's hooks: streamed inputs waited for with the compute slot lent out, and outputs
+    final before the last stage sent as parts (their fetch positions added to ``early``)."""
+    assert job.schedule is not None
+    device, inbound = server.device, job.inbound
     parts: dict[int, list[int]] = {}  # output -> its fetch positions, if final before the last stage
     last = job.schedule.n_stages - 1
     for p, i in enumerate(job.fetch):
@@ -179,7 +173,7 @@ def _interpreter(job: Job, graph: Graph, server: Server, residents: Residents, l
             assert inbound is not None
             t = inbound.wait(pos, lender.lend if lender is not None else None)
             try:
-                graph.check_input(pos, t)
+                job.graph.check_input(pos, t)
             except TypeError as e:
                 raise RemoteExecutionError(str(e), op="genie.input") from e
         return t
@@ -190,10 +184,7 @@ def _interpreter(job: Job, graph: Graph, server: Server, residents: Residents, l
             trio.from_thread.run_sync(send_part, job.id, p, host)
             early.append(p)
 
-    interp = StagedInterpreter(graph, job.schedule, device=device.device, constants=server.pool,
-                               residents=residents, get_input=get_input, on_output=on_output, early=parts,
-                               meter=job.trace, layout=job.layout)
-    return interp, early
+    return {"get_input": get_input, "on_output": on_output, "early": parts}
 
 
 def check_inputs(graph: Graph, inputs: list) -> None:
@@ -203,28 +194,6 @@ def check_inputs(graph: Graph, inputs: list) -> None:
     for pos, t in enumerate(inputs):
         if t is not None:
             graph.check_input(pos, t)
-
-
-def written_sources(graph: Graph) -> tuple[list[str], bool]:
-    """(digests of constants the graph writes to, whether it writes to a resident value), derived
-    from the op schemas by ``genie.graph.written_sources``: the client's ``Node.writes`` and
-    ``Node.storages`` play no part, so an undeclared write still gets a private copy."""
-    return _derived_writes(graph)
-
-
-def private_constants(graph: Graph, written: Collection[str],
-                      pool: Mapping[str, torch.Tensor]) -> tuple[Graph, dict[str, torch.Tensor]]:
-    """``graph`` with each CONST node whose digest is in ``written`` reading its own copy, under
-    its own key, and those copies. Per node, not per digest: two buffers with equal bytes are two
-    values, and a write to one must not show in the other."""
-    nodes = list(graph.nodes)
-    clones: dict[str, torch.Tensor] = {}
-    for i, n in enumerate(nodes):
-        if n.op == CONST and n.args[0] in written:
-            key = f"{n.args[0]}#{n.id}"  # never a digest: hex only
-            clones[key] = pool[n.args[0]].clone()
-            nodes[i] = dataclasses.replace(n, args=(key,))
-    return Graph(nodes, graph.outputs, graph.constants), clones
 
 
 def check_untouched(pool: Mapping[str, torch.Tensor], versions: dict[str, int]) -> None:

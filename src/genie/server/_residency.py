@@ -207,21 +207,27 @@ class Residents(dict[int, torch.Tensor]):
         super().__init__()
         self.pool = pool
         self._bytes: dict[int, int] = {}
+        self._ptrs: dict[int, int] = {}  # storage address -> how many kept values share it
+        self._ptr: dict[int, int] = {}  # handle -> its storage address
 
     def keep(self, values: Sequence[torch.Tensor]) -> list[int]:
-        """Handles for ``values``; RemoteMemoryError (keeping none) when they cannot fit."""
-        seen: set[int] = {t.untyped_storage().data_ptr() for t in self.values()}
-        sizes = []
+        """Handles for ``values``; RemoteMemoryError (keeping none) when they cannot fit. A storage
+        already kept counts once (a decode step keeps views of its cache: O(kept), not O(held))."""
+        seen = self._ptrs
+        ptrs, sizes, new = [], [], set()
         for t in values:
             ptr = t.untyped_storage().data_ptr()
-            sizes.append(0 if ptr in seen else storage_bytes(t))
-            seen.add(ptr)
+            sizes.append(0 if ptr in seen or ptr in new else storage_bytes(t))
+            ptrs.append(ptr)
+            new.add(ptr)
         self.pool.add_residents(sum(sizes))
         handles = []
-        for t, n in zip(values, sizes, strict=True):
+        for t, n, ptr in zip(values, sizes, ptrs, strict=True):
             h = next(_handles)
             self[h] = t
             self._bytes[h] = n
+            self._ptr[h] = ptr
+            seen[ptr] = seen.get(ptr, 0) + 1
             handles.append(h)
         return handles
 
@@ -230,6 +236,11 @@ class Residents(dict[int, torch.Tensor]):
         for h in handles:
             if self.pop(h, None) is not None:
                 n += self._bytes.pop(h)
+                ptr = self._ptr.pop(h)
+                if self._ptrs[ptr] == 1:
+                    del self._ptrs[ptr]
+                else:
+                    self._ptrs[ptr] -= 1
         self.pool.drop_residents(n)
 
     def close(self) -> None:

@@ -1,60 +1,121 @@
-"""What an executor holds for its clients: content-addressed constants and resident values."""
+"""The one path a graph (a plan's graph, with its stages) runs by on an executor.
+
+``genie serve``'s worker (``_job.run_job``), the in-process backend (``InProcessExecutor``, which
+``genie._setup`` injects into ``runtime.LocalBackend``) and ``genie._plan_exec.run_plan`` all call
+``execute``: they differ only in where constants and residents live and in the hooks they pass, as
+torch.fx's Interpreter is varied by subclassing (``Interpreter`` -> ``StagedInterpreter``).
+
+Call tree::
+
+    execute(graph, inputs, device=, constants=, residents=, schedule=, ...)
+      private_constants(graph, written)   each CONST node the program writes: its own copy, never
+                                          the shared (or the caller's) tensor
+      Interpreter(...)                    no schedule: program order
+      StagedInterpreter(...)              a schedule: stage by stage, get_input / on_output hooks
+      compute(lambda: interp.run(inputs)) the caller's wrapper (a server's device stream and slot)
+      -> values of graph.outputs, and the staged run's timeline
+"""
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Sequence
+import dataclasses
+from collections import ChainMap
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import TypeVar
 
 import torch
 
-from genie.graph import Graph, StageSchedule, TensorMeta
+from genie.graph import CONST, Graph, Node, StageSchedule, TensorMeta
+from genie.graph import written_sources as _derived_writes
 from genie.server._interpreter import Interpreter, own_storage
+from genie.server._residency import ConstantPool, Residents
 from genie.server._staged import StagedInterpreter, Timeline
 
+T = TypeVar("T")
 
-class Store:
-    """Device tensors by content digest (weights) and by handle (values kept between runs)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.constants: dict[str, torch.Tensor] = {}
-        self.residents: dict[int, torch.Tensor] = {}
-        self._handles = itertools.count(1)
+def execute(graph: Graph, inputs: Sequence[torch.Tensor | None], *, device: torch.device,
+            constants: Mapping[str, torch.Tensor], residents: Mapping[int, torch.Tensor] | None = None,
+            schedule: StageSchedule | None = None, layout: list[list[int]] | None = None,
+            written: Collection[str] | None = None,
+            get_input: Callable[[int], torch.Tensor] | None = None,
+            on_output: Callable[[int, torch.Tensor], None] | None = None, early: Collection[int] = (),
+            meter: bool = False, on_node: Callable[[Node], None] | None = None,
+            compute: Callable[[Callable[[], list[torch.Tensor]]], list[torch.Tensor]] | None = None,
+            ) -> tuple[list[torch.Tensor], Timeline | None]:
+    """Run ``graph`` on ``inputs`` (a None is a streamed input ``get_input`` binds when its first
+    reader's stage starts); with ``schedule``, stage by stage, calling ``on_output(i, value)`` for
+    each output ``i`` in ``early`` right after its stage. ``written``: digests of constants the
+    program writes (derived from the op schemas when not given). Returns the output values and,
+    for a staged run, its timeline."""
+    if written is None:
+        written, _ = written_sources(graph)
+    if written:  # constants are shared (or the caller's own tensors): writes go to copies
+        graph, clones = private_constants(graph, written, constants)
+        constants = ChainMap(clones, constants)  # type: ignore[arg-type]
+    interp: Interpreter
+    if schedule is None:
+        interp = Interpreter(graph, device=device, constants=constants, residents=residents, on_node=on_node)
+    else:
+        interp = StagedInterpreter(graph, schedule, device=device, constants=constants, residents=residents,
+                                   get_input=get_input, on_output=on_output, early=early, meter=meter,
+                                   layout=layout)
+        interp.on_node = on_node
+    run = lambda: interp.run(inputs)  # type: ignore[arg-type]  # noqa: E731
+    values = compute(run) if compute is not None else run()
+    return values, interp.timeline if isinstance(interp, StagedInterpreter) else None
+
+
+def written_sources(graph: Graph) -> tuple[list[str], bool]:
+    """(digests of constants the graph writes to, whether it writes to a resident value), derived
+    from the op schemas by ``genie.graph.written_sources``: the client's ``Node.writes`` and
+    ``Node.storages`` play no part, so an undeclared write still gets a private copy."""
+    return _derived_writes(graph)
+
+
+def private_constants(graph: Graph, written: Collection[str],
+                      pool: Mapping[str, torch.Tensor]) -> tuple[Graph, dict[str, torch.Tensor]]:
+    """``graph`` with each CONST node whose digest is in ``written`` reading its own copy, under
+    its own key, and those copies. Per node, not per digest: two buffers with equal bytes are two
+    values, and a write to one must not show in the other."""
+    nodes = list(graph.nodes)
+    clones: dict[str, torch.Tensor] = {}
+    for i, n in enumerate(nodes):
+        if n.op == CONST and n.args[0] in written:
+            key = f"{n.args[0]}#{n.id}"  # never a digest: hex only
+            clones[key] = pool[n.args[0]].clone()
+            nodes[i] = dataclasses.replace(n, args=(key,))
+    return Graph(nodes, graph.outputs, graph.constants), clones
+
+
+class InProcessExecutor:
+    """The executor without a wire: one pool of constants and one connection's residents, as a
+    server holds them, run through ``execute``. Not thread-safe: ``runtime.LocalBackend`` locks."""
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.pool = ConstantPool()
+        self.residents = Residents(self.pool)
 
     def missing(self, digests: Sequence[str]) -> list[str]:
-        return [d for d in digests if d not in self.constants]
+        return self.pool.missing(digests)
 
     def put_constant(self, digest: str, t: torch.Tensor) -> None:
-        if digest not in self.constants:
-            self.constants[digest] = own_storage(t.to(self.device))
+        self.pool.put(digest, t, lambda host: own_storage(host.to(self.device)))
 
-    def run(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int],
-            keep: Sequence[int], stages: StageSchedule | None = None, trace: bool = False,
-            ) -> tuple[list[torch.Tensor], list[int], list[TensorMeta], Timeline | None]:
-        """Run (stage by stage with ``stages``); return fetched values (on device), handles and metas
-        of kept ones, and the staged run's timeline if ``trace``."""
-        timeline = None
-        if stages is None:
-            values = Interpreter(graph, device=self.device, constants=self.constants,
-                                 residents=self.residents).run(inputs)
-        else:
-            layout = stages.check(graph)
-            graph.check_inputs(inputs)
-            interp = StagedInterpreter(graph, stages, device=self.device, constants=self.constants,
-                                       residents=self.residents, meter=trace, layout=layout)
-            values = interp.run(inputs)
-            timeline = interp.timeline if trace else None
-        handles, metas = [], []
-        for i in keep:
-            h = next(self._handles)
-            self.residents[h] = values[i]
-            handles.append(h)
-            metas.append(TensorMeta.of(values[i]))
-        return [values[i] for i in fetch], handles, metas, timeline
-
-    def fetch(self, handle: int) -> torch.Tensor:
-        return self.residents[handle]
+    def run(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int], keep: Sequence[int],
+            stages: StageSchedule | None = None, trace: bool = False,
+            ) -> tuple[list[torch.Tensor], list[int], list[TensorMeta], dict | None]:
+        """(fetched values on the device, handles and metas of kept ones, the timeline if traced)."""
+        layout = stages.check(graph) if stages is not None else None
+        graph.check_inputs(inputs)
+        values, timeline = execute(graph, inputs, device=self.device, constants=self.pool,
+                                   residents=self.residents, schedule=stages, layout=layout, meter=trace)
+        kept = [values[i] for i in keep]
+        handles = self.residents.keep(kept)
+        metas = [TensorMeta.of(v) for v in kept]
+        wire = timeline.to_wire() if trace and timeline is not None else None
+        return [values[i] for i in fetch], handles, metas, wire
 
     def free(self, handles: Sequence[int]) -> None:
-        for h in handles:
-            self.residents.pop(h, None)
+        self.residents.free(handles)
