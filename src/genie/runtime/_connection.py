@@ -260,6 +260,18 @@ class Connection:
         self._outbox.send_nowait((msg, waiter, on_sent))
         return waiter
 
+    def _encode(self, msg: Message, waiter: Waiter | None) -> list | None:
+        """The frame's bytes, or None when the protocol refuses it: nothing was written, so only
+        this request fails."""
+        try:
+            return self.proto.send(msg)
+        except LocalProtocolError as e:
+            if waiter is not None:
+                self._waiters.pop(msg.fields["id"], None)
+                waiter.error = e
+                waiter.done()
+            return None
+
     def _send_now(self, msg: Message, waiter: Waiter | None, size: int) -> bool:
         """Nothing is queued before it: write a small frame straight away, from this task, rather
         than through the write task (a pass of the loop). What the socket does not take at once goes
@@ -267,13 +279,8 @@ class Connection:
         raw = self._raw
         if raw is None or size > SMALL_FRAME:
             return False
-        try:
-            parts = self.proto.send(msg)
-        except LocalProtocolError as e:  # nothing was written: only this request fails
-            if waiter is not None:
-                self._waiters.pop(msg.fields["id"], None)
-                waiter.error = e
-                waiter.done()
+        parts = self._encode(msg, waiter)
+        if parts is None:
             return True
         rest = send_now(raw, parts)
         if msg.kind != "ping":
@@ -371,13 +378,8 @@ class Connection:
         if isinstance(msg, memoryview):  # the rest of a frame ``_send_now`` began
             await send_parts(self.stream, [msg], self._touch)
             return
-        try:
-            parts = self.proto.send(msg)
-        except LocalProtocolError as e:  # nothing was written: only this request fails
-            if waiter is not None:
-                self._waiters.pop(msg.fields["id"], None)
-                waiter.error = e
-                waiter.done()
+        parts = self._encode(msg, waiter)
+        if parts is None:
             return
         # sending counts as life (a slow link's long upload), but not our own pings
         t0 = time.perf_counter_ns()
