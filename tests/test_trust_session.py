@@ -146,8 +146,17 @@ async def test_a_cancelled_execute_stops_the_servers_work_and_the_connection_car
         assert stopped < full / 2, (stopped, full)  # it stopped early, far before the end
 
 
+@pytest.fixture
+def sigint_raises():
+    """Python's Ctrl-C handler, whatever this process inherited (a shell's background job starts
+    with SIGINT ignored)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 @pytest.mark.parametrize("path", ["execute under trio.run", "blocking call, no stages"])
-def test_ctrl_c_cancels_the_run(path):
+def test_ctrl_c_cancels_the_run(path, sigint_raises):
     x, w = _long_inputs()
     graph = genie.trace(_long, x, w)
     genie.schedule(graph)
