@@ -327,7 +327,7 @@ def test_stats_message_reports_json(remote):
 
 # -- content addressing cannot be spoofed ---------------------------------------------------------
 def test_upload_under_a_wrong_digest_is_refused(server, remote):
-    from genie.server._residency import content_digest
+    from genie.graph import content_digest
 
     real = torch.arange(1000.0)
     digest = content_digest(real)

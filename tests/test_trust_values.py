@@ -16,10 +16,10 @@ from torch import nn
 
 import genie
 from genie._plan_exec import run_plan
-from genie.graph import CONST, INPUT, Graph, Node, Ref, TensorMeta, written_sources
+from genie.graph import CONST, INPUT, Graph, Node, Ref, TensorMeta, content_digest, written_sources
 from genie.runtime._remote import RemoteBackend
 from genie.server._job import check_untouched
-from genie.server._residency import ConstantPool, content_digest
+from genie.server._residency import ConstantPool
 
 server, remote, any_backend = fx.server, fx.remote, fx.any_backend  # fixtures, by name
 DEV = "remote_accelerator:0"

@@ -17,9 +17,9 @@ import torch
 from torch.utils._pytree import tree_map
 
 from genie._errors import GenieError, UnsupportedOpError
-from genie.graph import CONST, INPUT, RESIDENT, Node, Ref, TensorMeta
+from genie.graph import CONST, INPUT, RESIDENT, Node, Ref, TensorMeta, content_digest
 from genie.lazy._meta import SHAPES, OpInfo, infer, meta_tensor, op_info
-from genie.lazy._recorder import FAILED, Recorder, content_digest
+from genie.lazy._recorder import FAILED, Recorder
 
 aten = torch.ops.aten
 _DEFAULT_DEVICE = None  # set by _device.register(): torch.device needs the backend renamed first

@@ -13,7 +13,6 @@ content digest only spares uploading the bytes twice).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import threading
 import weakref
@@ -32,6 +31,7 @@ from genie.graph import (
     Node,
     Ref,
     TensorMeta,
+    content_digest,
     map_refs,
     undeclared_writes,
 )
@@ -45,17 +45,6 @@ _UNSAID = frozenset(UNDECLARED_ALIASES) | frozenset(_UNDECLARED_WRITES)
 if TYPE_CHECKING:
     from genie.lazy._lazy import LazyTensor
 
-
-def content_digest(t: torch.Tensor) -> str:
-    """Names a constant by dtype, shape and bytes: equal weights share one upload."""
-    t = t.detach()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
 
 
 class Recorder:

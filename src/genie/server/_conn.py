@@ -55,14 +55,14 @@ from genie._errors import (
     RemoteMemoryError,
     RemoteProtocolError,
 )
-from genie.graph import CONST, RESIDENT, SOURCE_OPS, Graph, StageSchedule
+from genie.graph import CONST, RESIDENT, SOURCE_OPS, Graph, StageSchedule, content_digest
 from genie.graph._template import Template, apply, fix_lists, predict, split
 from genie.graph._wire import graph_from_bytes
 from genie.server._inbound import Inbound
 from genie.server._job import Cancel, Job, JobResult, Lender, run_job, written_sources
 from genie.server._memory import check_sizes
 from genie.server._memory import predict as predict_peak
-from genie.server._residency import MissingPlanError, Residents, content_digest
+from genie.server._residency import MissingPlanError, Residents
 from genie.transport import (
     GONE,
     SERVER,

@@ -11,7 +11,6 @@ refused when its header arrives (``admit_frame``).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import random
 import threading
@@ -37,16 +36,6 @@ class MissingPlanError(MissingOnServerError):
     def __init__(self, key: str) -> None:
         super().__init__([], key)
 
-
-def content_digest(t: torch.Tensor) -> str:
-    """A constant's name, as clients make it (``genie.lazy._recorder.content_digest``: dtype, shape,
-    bytes). The server recomputes it for what it receives, so a client cannot store other data
-    under a name that other clients' weights go by."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    if t.numel():
-        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
 
 
 def storage_bytes(t: torch.Tensor) -> int:
