@@ -10,12 +10,12 @@ setup: $(STAMP)
 
 # torch goes first and pinned: on a machine without CUDA, 2.13.0 is the local CPU wheel; anything
 # looser pulls a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
 	  $(BIN)/pip install -q torch; else $(BIN)/pip install -q torch==2.13.0; fi
-	$(BIN)/pip install -q triton trio numpy pytest pytest-trio hypothesis transformers ruff tqdm trustme
+	$(BIN)/pip install -q triton trio numpy pytest pytest-trio hypothesis transformers ruff tqdm trustme starlette httpx hypercorn uvicorn
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
@@ -33,7 +33,7 @@ gpu-check: setup
 	bench/gpu/check.sh
 
 lint: setup
-	$(BIN)/ruff check src kernels tests bench
+	$(BIN)/ruff check src kernels tests bench examples
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

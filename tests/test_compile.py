@@ -47,10 +47,13 @@ def test_replay_records_nothing_and_sends_one_small_frame(remote):
             assert _ops() == ops
             assert not current_recorder().pending
             assert after["bytes_sent"] - before["bytes_sent"] <= 4096
-            assert after["round_trips"] - before["round_trips"] == 1
+            # the call waits for no reply: the replay is submitted
+            assert after["round_trips"] - before["round_trips"] == 0
         assert type(out) is dict and out["x"] is xd
         assert isinstance(out["y"], genie.LazyTensor)
         torch.testing.assert_close(out["y"].cpu(), ref(x)["y"])
+        if i >= 2:  # the replay, then the .cpu() run; no other
+            assert genie.stats()["runs"] - before["runs"] == 2
     assert net.forward.replays == 4
     assert int(net.calls.cpu()) == 6  # the in-place write ran on the server at every call
 
@@ -85,6 +88,29 @@ def test_reassigned_parameter_records_again(remote):
     torch.testing.assert_close(got, x @ w.T + net.bias.cpu())
     assert not torch.allclose(got, first)
     assert net.forward.records == 2
+
+
+@torch.no_grad()
+def test_weights_written_straight_into_module_dicts_record_again(remote):
+    """``_apply`` and ``load_state_dict(assign=True)`` write ``_parameters``/``_buffers`` directly, and
+    a submodule can be swapped: the kept module tree notices each (no hook would)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU()).to(DEV)
+    net.forward = genie.compile(net.forward)
+    x = torch.randn(3, 8)
+    for _ in range(2):
+        net(x.to(DEV)).cpu()
+    assert net.forward.replays == 1
+    w = torch.randn(8, 8)
+    net[0]._parameters["weight"] = nn.Parameter(w.to(DEV))  # what _apply does
+    torch.testing.assert_close(net(x.to(DEV)).cpu(), torch.relu(x @ w.T + net[0].bias.cpu()))
+    assert net.forward.records == 2
+    net[1] = nn.Tanh()  # a submodule swapped
+    torch.testing.assert_close(net(x.to(DEV)).cpu(), torch.tanh(x @ w.T + net[0].bias.cpu()))
+    assert net.forward.records == 3
+    net[0].register_buffer("scale", torch.ones(8).to(DEV))  # an entry added (unused by forward)
+    net(x.to(DEV)).cpu()
+    assert net.forward.records == 4
 
 
 @torch.no_grad()

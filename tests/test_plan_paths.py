@@ -134,18 +134,24 @@ def test_a_few_queries_against_a_cache_run_decode_attention() -> None:
 
 # -- device mode and execute run the plan ---------------------------------------------------------
 class Spy:
-    """Records the graphs a backend is asked to run (and whether they came with stages)."""
+    """Records the graphs a backend is asked to run or submit (and whether they came with stages)."""
 
     def __init__(self, backend) -> None:
         self.runs: list[tuple[genie.Graph, dict]] = []
         self.gathered = 0  # graphs that came with their template split already made
-        self._run = backend.run
+        self._run, self._submit = backend.run, backend.submit
         backend.run = self
+        backend.submit = self.submit
 
     def __call__(self, graph, inputs, **kw):
         self.runs.append((graph, kw))
         self.gathered += "_split" in graph.__dict__
         return self._run(graph, inputs, **kw)
+
+    def submit(self, graph, inputs, **kw):  # a compiled replay: run, not waited for
+        self.runs.append((graph, kw))
+        self.gathered += "_split" in graph.__dict__
+        return self._submit(graph, inputs, **kw)
 
     def fused_ops(self) -> set[str]:
         fused = {"genie.attention", "genie.decode_attention", "genie.conv2d_bn_act"}

@@ -80,7 +80,7 @@ def test_a_big_run_leaves_the_event_loop_to_other_clients():
 
 
 async def test_a_tiny_run_queued_behind_a_big_one_can_be_cancelled():
-    with serving() as srv:
+    with serving("--workers", "1") as srv:  # one compute slot, as on a GPU: the tiny run waits for it
         b = RemoteBackend(srv.address, srv.token)
         try:
             graph, x = _slow_graph(), torch.randn(BIG, BIG) / BIG
@@ -96,7 +96,7 @@ async def test_a_tiny_run_queued_behind_a_big_one_can_be_cancelled():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(lambda: b.run_async(graph, [x], fetch=[0], keep=[], constants={}))
                 await trio.sleep(0.2)
-                nursery.start_soon(tiny_run)  # queued on the server behind the big run
+                nursery.start_soon(tiny_run)  # waits on the server for the big run's compute slot
                 await trio.sleep(0.2)
                 cancelled.cancel()
             assert cancelled.cancelled_caught

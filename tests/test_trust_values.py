@@ -276,3 +276,17 @@ def test_run_plan_writes_to_copies_never_to_the_callers_constants():
         (out,) = run_plan(plan, [torch.ones(4)]).outputs
         torch.testing.assert_close(out, torch.full((4,), 2.0))
     assert not w.any()
+
+
+@pytest.mark.parametrize("make_view", [lambda w: w.view(8), lambda w: w[2:6], lambda w: w.t()[0]])
+def test_a_kept_view_of_a_weight_written_in_place_does_not_reach_other_clients(server, make_view):
+    """A run may keep a constant itself (or a view of it) as a value; a later in-place write through
+    that handle must write the client's own copy, never the weight every client shares."""
+    w = torch.arange(8, dtype=torch.float32).reshape(2, 4)
+    with fx.using(RemoteBackend(server.address, server.token)):
+        v = make_view(w.to(DEV))
+        v.cpu()  # kept on the server, as it is (no op made a new value)
+        v.add_(100)
+        torch.testing.assert_close(v.cpu(), make_view(w) + 100)
+    with fx.using(RemoteBackend(server.address, server.token)):
+        torch.testing.assert_close((w.to(DEV) * 1).cpu(), w)  # the same bytes: the shared weight

@@ -15,8 +15,7 @@ from genie._profile import profile
 from genie._setup import setup as _setup
 from genie._setup import stats
 from genie.graph import Graph
-from genie.lazy import LazyTensor, capture, compile, get_graph, trace
-from genie.runtime import execute
+from genie.lazy import LazyTensor, capture, compile, execute, fetch, get_graph, trace
 from genie.runtime._remote import connect
 from genie.semantic import (
     ExecutionPlan,
@@ -34,7 +33,8 @@ _setup()
 __all__ = [
     "AuthenticationError", "ConnectionLostError", "GenieError", "Graph", "LazyTensor",
     "LocalProtocolError", "ProtocolError", "RemoteExecutionError", "RemoteMemoryError",
-    "RemoteProtocolError", "UnsupportedOpError", "capture", "compile", "connect", "execute", "get_graph",
+    "RemoteProtocolError", "UnsupportedOpError", "capture", "compile", "connect", "execute", "fetch",
+    "get_graph",
     "stats", "trace",
     "ExecutionPlan", "PatternRegistry", "Scheduler", "SemanticAnalyzer", "WorkloadProfile", "WorkloadType",
     "analyze", "profile", "schedule",

@@ -4,10 +4,11 @@
 """
 
 from genie.lazy._api import capture, get_graph, install_module_hooks, trace
+from genie.lazy._async import execute, fetch
 from genie.lazy._compile import compile
 from genie.lazy._device import DEVICE_TYPE, register
 from genie.lazy._lazy import LazyTensor, materialize
 from genie.lazy._meta import SHAPES
 
-__all__ = ["DEVICE_TYPE", "SHAPES", "LazyTensor", "capture", "compile", "get_graph", "install_module_hooks",
-           "materialize", "register", "trace"]
+__all__ = ["DEVICE_TYPE", "SHAPES", "LazyTensor", "capture", "compile", "execute", "fetch", "get_graph",
+           "install_module_hooks", "materialize", "register", "trace"]

@@ -4,10 +4,12 @@ Call tree::
 
     Compiled.__call__(*args, **kwargs)
       Walk (``_guard``)        the tensors read, the objects met, the guard key
-      rec.flush()              only if something is pending: inputs must be resident values first
+      rec.flush(wait=False)    only if something is pending (the argmax token): submitted, not
+                               waited for; the server runs it before the replay
       hit: _Entry.replay       the recorded graph with this call's handles/digests/seeds put in, its
-                               template split patched (never re-emitted), one backend run; outputs
-                               rebuilt around the kept handles
+                               template split patched (never re-emitted), one submitted run (not
+                               waited for); outputs rebuilt around the handles it names, at once:
+                               a failure surfaces where they are read (``.cpu()``, ``genie.fetch``)
       miss: _record            run ``fn`` in device mode, flush its outputs kept, and keep what the
                                flush sent (``Recorder.observer``) as an _Entry, if it can be replayed
 
@@ -59,7 +61,7 @@ def compile(fn: Callable) -> Callable:
     shape, stride, dtype, device and what it aliases; the structure of the arguments, walked
     through lists, tuples, dicts and objects' ``__dict__`` (4 levels); Python scalars met there;
     every ``training`` flag of the module ``fn`` is bound to (and of its submodules), and the
-    identity of their parameters and buffers.
+    identity of their parameters, buffers and submodules.
 
     Not re-run on replay (as with CUDA graphs): ``fn``'s Python code. Its side effects on Python
     objects (attributes set, lists appended to, prints) happen only when it records; values it
@@ -93,8 +95,8 @@ class Compiled:
             walk = self._walk(args, kwargs)
             if walk is None:
                 return self.fn(*args, **kwargs)
-            if rec.pending:  # what the inputs depend on runs first; they become resident values
-                rec.flush()
+            if rec.pending:  # what the inputs depend on runs first, submitted ahead of the replay,
+                rec.flush(wait=False)  # which the server runs after it: no round trip of its own
             walk.finish()
             if not walk.usable(rec):
                 return self.fn(*args, **kwargs)  # another thread's values, or lost ones: as is
@@ -195,12 +197,15 @@ class _Entry:
         graph = _with_nodes(self.graph, nodes)
         if self.parts is not None:
             with_split(graph, Split(self.parts.skeleton, self.parts.digest, ints, strs))
-        result = backend().run(graph, [], **{**self.run, "constants": constants})
+        run = self.run
+        handles = backend().submit(graph, [], keep=run["keep"], constants=constants, stages=run.get("stages"),
+                                   stream=run.get("stream", ()))
+        metas = [meta for meta, _, _ in self.kept]  # the guards fixed every shape: the recording's
         values: dict[int, LazyTensor] = {}
         storages: dict[int, int] = {}
         for leaf, p in self.rebound:  # a constant input the step wrote: its holders read the copy
             t = leaves[leaf]
-            node = rec.resident_node(result.handles[p], result.metas[p], t._node.storages[t._index])
+            node = rec.resident_node(handles[p], metas[p], t._node.storages[t._index])
             for other in leaves:
                 if type(other) is LazyTensor and other._node is t._node and other is not t:
                     other._node, other._index = node, 0
@@ -218,14 +223,14 @@ class _Entry:
                 if s is None:
                     leaf = leaves[-cls - 1] if cls < 0 else None
                     s = storages[cls] = leaf._node.storages[leaf._index] if leaf is not None else rec.new_id()
-                node = rec.resident_node(result.handles[p], result.metas[p], s)
-                hit = values[p] = LazyTensor(rec, node, 0, result.metas[p], device)
+                node = rec.resident_node(handles[p], metas[p], s)
+                hit = values[p] = LazyTensor(rec, node, 0, metas[p], device)
                 used.add(p)
             return hit
 
         out = _build(self.outputs, kept, leaves, walk.objects)
         b = backend()
-        for p, h in enumerate(result.handles):  # the same value kept twice by the recording's flush
+        for p, h in enumerate(handles):  # the same value kept twice by the recording's flush
             if p not in used:
                 b.free(h)
         return out

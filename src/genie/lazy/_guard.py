@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import enum
 import functools
+import itertools
+import operator
 import types
+import weakref
 from typing import Any
 
 import numpy as np
@@ -152,28 +155,71 @@ class Walk:
                              scalar, (id(t), t._version) if i in params else None))
 
     def module(self, m: nn.Module) -> None:
-        """A module's training flags and weights, its submodules' too (iteratively, inlined: it is
-        most of a compiled call's client time)."""
+        """A module's training flags and weights, its submodules' too. The tree is walked once and
+        kept (``_Tree``); later calls re-check it with C-level identity compares (most of a compiled
+        call's client time was this walk)."""
         seen, leaves, params = self._seen, self.leaves, self.params
         if id(m) in seen:
             self.key.append(("module again", seen[id(m)]))
             return
         seen[id(m)] = -1
-        stack = [m]
-        flags = []
-        first = len(leaves)
+        tree = _TREES.get(m)
+        if tree is None or not tree.valid():
+            tree = _TREES[m] = _Tree(m)
+        first, weights = len(leaves), tree.weights
+        if not seen.keys().isdisjoint(tree.weight_ids):  # a weight also passed as an argument
+            weights = [p for p in weights if id(p) not in seen]
+        seen.update(zip(map(id, weights), range(first, first + len(weights)), strict=True))
+        params.update(range(first, first + len(weights)))
+        leaves.extend(weights)
+        if weights and isinstance(weights[0], self.lazy):
+            self.remote = True
+        # the tree's serial: a submodule swapped (a ReLU for a Tanh) records again, weights or not
+        self.key.append(("module", id(m), tree.serial, tuple([mod.training for mod in tree.modules]),
+                         len(weights)))
+
+
+class _Tree:
+    """A module tree flattened: its modules in walk order, its weights (parameters and buffers,
+    each once), and the identities of every ``_parameters``/``_buffers``/``_modules`` dict and of
+    their values, to tell whether anything was added, removed or reassigned since (``_apply`` and
+    ``load_state_dict(assign=True)`` write those dicts directly, so no hook would see them). The
+    weights are held, so an id seen here is never reused by a new object while this is kept."""
+
+    __slots__ = ("modules", "weights", "weight_ids", "serial", "_dicts", "_shape", "__weakref__")
+    _serials = itertools.count()
+
+    def __init__(self, root: nn.Module) -> None:
+        modules, weights, ids, dicts = [], [], set(), []
+        stack = [root]
         while stack:
             mod = stack.pop()
             if mod is None:  # a submodule slot set to None
                 continue
-            flags.append(mod.training)
+            modules.append(mod)
             for group in (mod._parameters, mod._buffers):
+                dicts.append(group)
                 for p in group.values():
-                    if p is not None and id(p) not in seen:
-                        seen[id(p)] = len(leaves)
-                        params.add(len(leaves))
-                        leaves.append(p)
+                    if p is not None and id(p) not in ids:
+                        ids.add(id(p))
+                        weights.append(p)
+            dicts.append(mod._modules)
             stack.extend(reversed(mod._modules.values()))
-        if any(isinstance(p, self.lazy) for p in leaves[first:first + 1]):
-            self.remote = True
-        self.key.append(("module", id(m), tuple(flags), len(leaves) - first))
+        self.modules, self.weights, self.weight_ids, self._dicts = modules, weights, ids, dicts
+        self.serial = next(_Tree._serials)
+        self._shape = self._now()
+
+    def _now(self) -> tuple:
+        dicts = self._dicts
+        return ([d for m in self.modules for d in (m._parameters, m._buffers, m._modules)],
+                tuple(map(len, dicts)), [*itertools.chain.from_iterable(map(dict.values, dicts))])
+
+    def valid(self) -> bool:
+        """Every dict, every entry, the very same objects (C-level ``is``, never tensor ``==``)."""
+        dicts, lengths, values = self._shape
+        now_dicts, now_lengths, now_values = self._now()
+        return (lengths == now_lengths and len(values) == len(now_values)
+                and all(map(operator.is_, dicts, now_dicts)) and all(map(operator.is_, values, now_values)))
+
+
+_TREES: weakref.WeakKeyDictionary[nn.Module, _Tree] = weakref.WeakKeyDictionary()

@@ -17,6 +17,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from genie._errors import GenieError, UnsupportedOpError
+from genie._profile import mirror_watching, recording
 from genie.graph import CONST, INPUT, RESIDENT, Node, Ref, TensorMeta, content_digest
 from genie.lazy._meta import SHAPES, OpInfo, infer, meta_tensor, op_info
 from genie.lazy._recorder import FAILED, Recorder
@@ -27,6 +28,8 @@ _SOURCE_OPS = (CONST, INPUT, RESIDENT)
 _make_wrapper = torch.Tensor._make_wrapper_subclass
 _default_dtype = torch.get_default_dtype
 _STRIDED = torch.strided
+_WATCHED = False  # genie.profile() or GENIE_SYNC_DEBUG is on: time each op as recording
+mirror_watching(globals(), "_WATCHED")
 
 
 class _ThreadState(threading.local):
@@ -108,6 +111,8 @@ class LazyTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if _WATCHED:
+            return recording(dispatch, func, args, kwargs or {})
         entry = _ENTRIES.get(id(func))  # dispatch() inlined for its common case: one frame less
         if entry is None or entry.special is not None or not entry.plain:
             return dispatch(func, args, kwargs or {})
@@ -121,6 +126,9 @@ class LazyTensor(torch.Tensor):
 
     def tolist(self) -> Any:
         return self.cpu().tolist()
+
+    def __bool__(self) -> bool:  # a frame of its own: genie.profile() tells bool(t) from t.item()
+        return torch.Tensor.__bool__(self)
 
     def numpy(self, *, force: bool = False) -> Any:
         raise TypeError(f"can't convert {self.device} device type tensor to numpy. "

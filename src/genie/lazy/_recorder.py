@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from genie._errors import GenieError
+from genie._profile import sync_point
 from genie.graph import (
     CONST,
     INPUT,
@@ -36,7 +37,7 @@ from genie.graph import (
     undeclared_writes,
 )
 from genie.graph._alias import UNDECLARED_WRITES as _UNDECLARED_WRITES
-from genie.runtime import backend
+from genie.runtime import RunResult, backend
 from genie.semantic import run_scheduler
 
 FAILED = "genie.failed"  # a value lost with a run that failed; never sent
@@ -158,11 +159,14 @@ class Recorder:
         return node
 
     # -- running ------------------------------------------------------------------------------
-    def flush(self, wanted: Iterable[LazyTensor] = (), extra: Iterable[Ref] = ()) -> tuple[list, list]:
+    @sync_point  # genie.profile() / GENIE_SYNC_DEBUG: each flush, blamed on the user's line
+    def flush(self, wanted: Iterable[LazyTensor] = (), extra: Iterable[Ref] = (), *,
+              wait: bool = True) -> tuple[list, list]:
         """Run what is pending; fetch ``wanted`` to CPU; keep ``extra`` and live tensors remote.
 
         Returns (fetched CPU tensors, (RESIDENT node, meta) of each ``extra``) and leaves nothing
-        pending.
+        pending. ``wait=False``: when nothing is fetched and every kept value's meta is known, the
+        run is submitted and this returns at once (a failure surfaces where its values are read).
         """
         with self.lock:
             wanted = list(wanted)
@@ -184,7 +188,10 @@ class Recorder:
             run.update(fetch=[pos[r] for r in fetch_refs], keep=[pos[r] for r in keep_refs],
                        constants=self._constants_of(graph))
             try:
-                result = backend().run(graph, inputs, **run)
+                if wait or fetch_refs or not all(graph.nodes[r.node].outputs for r in graph.outputs):
+                    result = backend().run(graph, inputs, **run)
+                else:
+                    result = _submitted(graph, inputs, run)
             except Exception as e:
                 self._fail(live, nodes, e)
                 raise
@@ -278,6 +285,13 @@ class Recorder:
         """Computed tensors of this capture still referenced, in creation order."""
         alive = (wr() for wr in self._created)
         return [t for t in alive if t is not None and t._node.op not in (CONST, INPUT)]
+
+
+def _submitted(graph: Graph, inputs: list[torch.Tensor], run: dict) -> RunResult:
+    keep = run["keep"]
+    handles = backend().submit(graph, inputs, keep=keep, constants=run["constants"],
+                               stages=run.get("stages"), stream=run.get("stream", ()))
+    return RunResult([], handles, [graph.meta(graph.outputs[p]) for p in keep])
 
 
 def _planned(graph: Graph) -> tuple[Graph, dict]:

@@ -57,6 +57,14 @@ class Backend(Protocol):
                         stages: StageSchedule | None = None, stream: Sequence[int] = (),
                         trace: bool = False) -> RunResult: ...
 
+    def submit(self, graph: Graph, inputs: Sequence[torch.Tensor], *, keep: Sequence[int],
+               constants: dict[str, torch.Tensor], stages: StageSchedule | None = None,
+               stream: Sequence[int] = ()) -> list[int]:
+        """A run that fetches nothing: its kept values' handles, without waiting for it."""
+        ...
+
+    async def fetch_async(self, handles: Sequence[int]) -> list[torch.Tensor]: ...
+
     def free(self, handle: int) -> None: ...
 
 

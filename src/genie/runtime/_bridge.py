@@ -1,10 +1,11 @@
 """The sync bridge: one trio event loop on a daemon thread, owning the process's connection.
 
 The recorder calls the backend synchronously (``.cpu()``, ``.item()``), possibly from many threads;
-``genie.execute`` awaits it from the caller's own trio loop. Both hand a coroutine function to this
-loop and wait for its outcome: ``call`` blocks a thread, ``call_async`` awaits across loops and
-carries cancellation over (the coroutine is cancelled in the bridge, where it cleans up after
-itself). ``soon`` schedules a plain function there without waiting (frees from finalizers).
+``genie.execute`` and ``genie.fetch`` await it from the caller's own loop, trio's or asyncio's. Both
+hand a coroutine function to this loop and wait for its outcome: ``call`` blocks a thread,
+``call_async`` awaits across loops and carries cancellation over (the coroutine is cancelled in the
+bridge, where it cleans up after itself). ``soon`` schedules a plain function there without
+waiting (frees from finalizers).
 ``call_back`` is ``call``'s fast path for work that can start without awaiting: a plain function
 runs in the loop and hands its outcome to a callback later (from a connection's reader, say), which
 wakes the blocked thread directly: one hop in, one out, no task of the loop in between.
@@ -12,6 +13,7 @@ wakes the blocked thread directly: one hop in, one out, no task of the loop in b
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import threading
@@ -19,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import outcome
+import sniffio
 import trio
 
 from genie._errors import ConnectionLostError
@@ -148,9 +151,12 @@ class Bridge:
         return box[0].unwrap()
 
     async def call_async(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """``await afn(*args)`` in the bridge from another trio loop; cancelling this cancels that."""
+        """``await afn(*args)`` in the bridge from another event loop, trio's or asyncio's (told
+        apart by sniffio); cancelling this cancels that, and the bridge cleans up after it."""
         if self.in_bridge():
             return await afn(*args)
+        if sniffio.current_async_library() == "asyncio":
+            return await self._call_from_asyncio(afn, *args)
         here = trio.lowlevel.current_trio_token()
         done = trio.Event()
         box: list[outcome.Outcome] = []
@@ -179,3 +185,37 @@ class Bridge:
         if not box:
             raise ConnectionLostError("genie's background loop was shut down")
         return box[0].unwrap()
+
+    async def _call_from_asyncio(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        scope = trio.CancelScope()
+
+        def settle(result: outcome.Outcome) -> None:
+            if not fut.done():
+                fut.set_result(result)
+
+        async def runner() -> None:
+            result: outcome.Outcome = outcome.Error(ConnectionLostError("genie's background loop was "
+                                                                        "shut down"))
+            with scope:
+                try:
+                    result = outcome.Value(await afn(*args))
+                except Exception as e:
+                    result = outcome.Error(e)
+            with contextlib.suppress(RuntimeError):  # the caller's loop has closed
+                loop.call_soon_threadsafe(settle, result)
+
+        if not self.start_soon(runner):
+            raise ConnectionLostError("genie's background loop has stopped")
+        try:
+            while True:
+                done, _ = await asyncio.wait([fut], timeout=1.0)
+                if done:
+                    return fut.result().unwrap()
+                if not self.alive:
+                    raise ConnectionLostError("genie's background loop has stopped")
+        except BaseException:  # CancelledError, KeyboardInterrupt: stop the work in the bridge too
+            if not fut.done():
+                self.soon(scope.cancel)
+            raise

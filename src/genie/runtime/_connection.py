@@ -130,6 +130,8 @@ class Connection:
         self.proto = proto
         self.device = welcome["device"]
         self.max_frame = welcome["max_frame"]
+        pid = welcome.get("pid")  # the server process, for genie.profile()'s Chrome trace
+        self.server_pid: int | None = pid if type(pid) is int else None
         self.address = address
         self.stats = stats
         self.closed = False

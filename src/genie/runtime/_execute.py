@@ -1,30 +1,27 @@
-"""``await genie.execute(graph, *inputs)``: run a whole graph by its plan, get CPU tensors back."""
+"""Run a whole graph by its plan: ``execute`` (CPU tensors back) and ``submit_graph`` (values kept)."""
 
 from __future__ import annotations
 
 import torch
-import trio
 
 from genie._profile import active as profiling
 from genie._profile import record_timeline
-from genie.graph import Graph
+from genie.graph import Graph, TensorMeta
 from genie.runtime._backend import backend
 from genie.semantic import run_scheduler
 
 
 async def execute(graph: Graph, *inputs: torch.Tensor) -> list[torch.Tensor]:
-    """Run ``graph`` on the current backend with ``inputs`` bound in order; returns CPU tensors.
+    """Run ``graph`` on the current backend with host ``inputs`` bound in order; returns CPU tensors.
+    Awaitable from trio or asyncio (the backend's bridge tells them apart).
 
     The scheduled plan drives the run: its graph has each matched attention and conv-bn-act group
     as one fused op (Triton on CUDA, the torch reference elsewhere); the server runs it in the
     plan's stages, starting before the plan's streamed (large) inputs have arrived and sending each
-    output back as soon as its stage ends. Plans are cached by digest, on both sides.
-
-    An input on another device (a ``remote_accelerator`` tensor, still lazy or kept remote) is
-    brought to the host first, in a worker thread: materializing it is a blocking run of its own.
+    output back as soon as its stage ends. Plans are cached by structure, on both sides.
     """
     graph.check_inputs(inputs)  # the caller's mistake: say so before anything is sent
-    host = await _on_host(list(inputs))
+    host = _on_host(inputs)
     plan = run_scheduler().schedule(graph)
     run = plan.graph
     trace = profiling()
@@ -36,13 +33,17 @@ async def execute(graph: Graph, *inputs: torch.Tensor) -> list[torch.Tensor]:
     return result.fetched
 
 
-async def _on_host(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``inputs`` with every non-CPU tensor copied to the host (plain CPU tensors pass as they are)."""
-    away = [i for i, t in enumerate(inputs) if t.device.type != "cpu"]
-    if not away:
-        return inputs
-    values = await trio.to_thread.run_sync(lambda: [inputs[i].detach().cpu() for i in away])
-    out = list(inputs)
-    for i, v in zip(away, values, strict=True):
-        out[i] = v
-    return out
+def submit_graph(graph: Graph, *inputs: torch.Tensor) -> tuple[list[int], list[TensorMeta]]:
+    """Start ``graph`` by its plan and keep every output on the executor: (handles, metas), at once.
+    The run is not waited for; a failure surfaces where a handle is read."""
+    graph.check_inputs(inputs)
+    plan = run_scheduler().schedule(graph)
+    run = plan.graph
+    handles = backend().submit(run, _on_host(inputs), keep=range(len(run.outputs)), constants=run.constants,
+                               stages=plan.stage_schedule(), stream=plan.stream)
+    return handles, [run.meta(r) for r in run.outputs]
+
+
+def _on_host(inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """Local device tensors (CUDA here) copied to the host; remote ones were bound as handles."""
+    return [t if t.device.type == "cpu" else t.detach().cpu() for t in inputs]

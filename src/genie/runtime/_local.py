@@ -31,6 +31,8 @@ class Executor(Protocol):
             stages: StageSchedule | None = None, trace: bool = False,
             ) -> tuple[list[torch.Tensor], list[int], list[TensorMeta], dict | None]: ...
 
+    def fetch(self, handles: Sequence[int]) -> list[torch.Tensor]: ...
+
     def free(self, handles: Sequence[int]) -> None: ...
 
 
@@ -78,6 +80,17 @@ class LocalBackend:
         return await trio.to_thread.run_sync(
             lambda: self.run(graph, inputs, fetch=fetch, keep=keep, constants=constants, stages=stages,
                              trace=trace))
+
+    def submit(self, graph: Graph, inputs: Sequence[torch.Tensor], *, keep: Sequence[int],
+               constants: dict[str, torch.Tensor], stages: StageSchedule | None = None,
+               stream: Sequence[int] = ()) -> list[int]:
+        """In process there is no reply to wait for: the run is done when this returns."""
+        return self.run(graph, inputs, fetch=(), keep=keep, constants=constants, stages=stages).handles
+
+    async def fetch_async(self, handles: Sequence[int]) -> list[torch.Tensor]:
+        with self._lock:
+            values = self.executor.fetch(list(handles))
+            return [t.detach().to("cpu", copy=True) for t in values]
 
     def free(self, handle: int) -> None:
         """Called by finalizers, so also from inside a run (the garbage collector runs anywhere):

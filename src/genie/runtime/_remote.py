@@ -3,14 +3,22 @@
 Call tree::
 
     RemoteBackend.run(graph, inputs, fetch=, keep=, constants=)      sync: Bridge.call_back
-      _start_run(...)        in the bridge loop, no checkpoint: connected and every big constant on
-                             the server -> _post_run at once; the reader builds the result
-                             (_result) and wakes the caller; else (or a constant evicted) _run
+      _start_run(...)        in the bridge loop, no checkpoint: connected, every big constant on
+                             the server and no earlier run still on its way out -> _post_run at
+                             once; the reader builds the result (_result) and wakes the caller;
+                             else (or a constant evicted) _run
+    RemoteBackend.submit(graph, inputs, keep=, constants=) -> handles    sync, returns at once:
+      _start_submit(...)     the same in the bridge, nobody waits: the reply is checked as it
+                             lands (_settle_submit); a failure marks its handles failed, and a
+                             later run or fetch that reads one raises that failure
+    await RemoteBackend.fetch_async(handles)                         any loop: ``fetch`` messages
     await RemoteBackend.run_async(...)                               any trio loop: same, multiplexed
       _run(...)                                        in the bridge loop
         _connect()           first use, or after a loss: a new connection and a new _Session
         _ensure_constants()  has -> upload what the server lacks (a progress bar past 64 MiB)
-        _post_run()          plan: the whole graph, or a template slot plus corrections; its stage
+        _post_run()          (holding the session's post order, so runs reach the server in the
+                             order they were made: a run may read the handles an earlier one names)
+                             plan: the whole graph, or a template slot plus corrections; its stage
                              schedule (whole the first time on a connection, then its plan key);
                              inputs; constants the server may lack, inline when tiny; then each
                              streamed input in its own ``input`` frame
@@ -19,6 +27,9 @@ Call tree::
                              or a schedule evicted meanwhile -> send again and retry
     free(handle)             any thread (finalizers): one hop into the loop per batch; they ride
                              on the next run, or go alone after the connection's FREE_DELAY
+
+Handles are named here (``names`` in the run message), so a run's kept values can be read by the
+next run before its reply lands: the server runs them in order.
 
 Residency (``GENIE_RESIDENCY``, default 1): constants are uploaded by content digest only when the
 server lacks them, and graphs run from the server's template cache. With ``GENIE_RESIDENCY=0`` every
@@ -40,7 +51,9 @@ Environment:
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
+import random
 import sys
 import threading
 import weakref
@@ -62,7 +75,7 @@ from genie.runtime._backend import RunResult, Stats
 from genie.runtime._bridge import Bridge
 from genie.runtime._connection import TLS, Connection, Waiter, tls_context, tls_from_env
 from genie.runtime._embedded import EmbeddedServer
-from genie.transport import LIMITS, Message, MissingOnServerError
+from genie.transport import LIMITS, Message, MissingOnServerError, error_from_message
 
 INLINE_MAX = 128  # constants this small ride along with the run instead of a has round trip
 UPLOAD_FRAME = 64 << 20
@@ -99,7 +112,9 @@ class _Session:
     slots: OrderedDict[str, _Slot] = field(default_factory=OrderedDict)  # template digest -> slot
     refused: set[str] = field(default_factory=set)  # templates the server would not register
     plans: set[str] = field(default_factory=set)  # plan keys whose stage schedule the server was sent
-    handles: set[int] = field(default_factory=set)  # live values this connection made
+    handles: set[int] = field(default_factory=set)  # live values this connection made (or will)
+    failed: dict[int, BaseException] = field(default_factory=dict)  # handles whose run failed: why
+    makers: dict[int, Waiter] = field(default_factory=dict)  # handle -> its run's waiter, till settled
 
     def slot_number(self) -> int:
         if len(self.slots) < MAX_SLOTS:  # the lowest free number (a failed registration frees one)
@@ -150,7 +165,14 @@ class RemoteBackend:
         self._closed = False
         self._lock = threading.Lock()
         self._frees: list[int] = []  # freed by finalizers, not yet handed to the connection
+        self._pins: dict[int, int] = {}  # handle -> submitted runs reading it, not yet posted
         self._frees_lock = threading.Lock()
+        self._names = itertools.count(random.randrange(1, 1 << 48))  # handles: ours to name
+        # runs reach the server in the order they were made (one may read the handles an earlier
+        # one names): a run that must await something first (a connection, an upload) takes a
+        # ticket, and every later run posts after it
+        self._unposted = 0  # tickets not yet posted; while any, runs cannot post at once
+        self._last_ticket: trio.Event | None = None
         _OPEN.add(self)
 
     # -- the Backend protocol -------------------------------------------------------------------
@@ -158,14 +180,36 @@ class RemoteBackend:
             keep: Sequence[int], constants: dict[str, torch.Tensor], stages: StageSchedule | None = None,
             stream: Sequence[int] = (), trace: bool = False) -> RunResult:
         return self.bridge().call_back(self._start_run, graph, list(inputs), list(fetch), list(keep),
-                                       constants, stages, list(stream), trace)
+                                       constants, stages, list(stream), trace, self._new_names(len(keep)))
 
     async def run_async(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int],
                         keep: Sequence[int], constants: dict[str, torch.Tensor],
                         stages: StageSchedule | None = None, stream: Sequence[int] = (),
                         trace: bool = False) -> RunResult:
         return await self.bridge().call_async(self._run, graph, list(inputs), list(fetch), list(keep),
-                                              constants, stages, list(stream), trace)
+                                              constants, stages, list(stream), trace,
+                                              self._new_names(len(keep)))
+
+    def submit(self, graph: Graph, inputs: Sequence[torch.Tensor], *, keep: Sequence[int],
+               constants: dict[str, torch.Tensor], stages: StageSchedule | None = None,
+               stream: Sequence[int] = ()) -> list[int]:
+        """Start a run that fetches nothing; return its kept values' handles at once, without
+        waiting for its reply. Runs reach the server in the order they were made, so the next run
+        may read these handles. If it fails, a later run or fetch reading them raises why."""
+        names = self._new_names(len(keep))
+        # the caller may drop the tensors this run reads before it is posted: their frees wait
+        reads = _reads(graph)
+        with self._frees_lock:
+            for h in reads:
+                self._pins[h] = self._pins.get(h, 0) + 1
+        if not self.bridge().soon(self._start_submit, graph, list(inputs), list(keep), constants, stages,
+                                  list(stream), names, reads):
+            raise ConnectionLostError("genie's background loop has stopped")
+        return names
+
+    async def fetch_async(self, handles: Sequence[int]) -> list[torch.Tensor]:
+        """CPU copies of kept values, all asked for at once, from any event loop."""
+        return await self.bridge().call_async(self._fetch, list(handles))
 
     def free(self, handle: int) -> None:
         bridge = self._bridge
@@ -216,8 +260,24 @@ class RemoteBackend:
                     self._pid, self._embedded = os.getpid(), \
                         (EmbeddedServer() if self.address is None else None)
                 self._session, self._connect_lock = None, None
+                self._unposted, self._last_ticket = 0, None
                 b = self._bridge = Bridge()
             return b
+
+    def _new_names(self, n: int) -> list[int]:
+        return [next(self._names) for _ in range(n)]
+
+    def _ticket(self) -> tuple[trio.Event | None, trio.Event]:
+        """In the bridge, before any checkpoint: (the previous ticket, ours)."""
+        prev, mine = self._last_ticket, trio.Event()
+        self._last_ticket = mine
+        self._unposted += 1
+        return prev, mine
+
+    def _posted(self, ticket: trio.Event) -> None:
+        if not ticket.is_set():
+            ticket.set()
+            self._unposted -= 1
 
     # -- in the bridge loop ---------------------------------------------------------------------
     def _drop_session(self) -> None:
@@ -227,10 +287,16 @@ class RemoteBackend:
 
     def _drain_frees(self) -> None:
         with self._frees_lock:
-            handles, self._frees = self._frees, []
+            if self._pins:
+                handles = [h for h in self._frees if h not in self._pins]
+                self._frees = [h for h in self._frees if h in self._pins]
+            else:
+                handles, self._frees = self._frees, []
         sess = self._session
         if sess is None:
             return
+        for h in handles:
+            sess.failed.pop(h, None)
         mine = [h for h in handles if h in sess.handles]
         if mine:
             sess.handles.difference_update(mine)
@@ -238,29 +304,30 @@ class RemoteBackend:
 
     def _start_run(self, reply: Callable[[outcome.Outcome], None], graph: Graph, inputs: list[torch.Tensor],
                    fetch: list[int], keep: list[int], constants: dict[str, torch.Tensor],
-                   stages: StageSchedule | None, stream: list[int], trace: bool) -> Callable[[], None]:
+                   stages: StageSchedule | None, stream: list[int], trace: bool,
+                   names: list[int]) -> Callable[[], None]:
         """In the bridge loop, for a blocked caller (``Bridge.call_back``): when nothing must be
-        awaited first (connected, every big constant already on the server), post the run at once,
+        awaited first (connected, every big constant already on the server, no earlier run still
+        waiting to be posted), post the run at once,
         and let the connection's reader build the result and wake the caller as the reply lands.
         Otherwise (or when the server lost a constant meanwhile) ``_run`` does it all as a task.
         Returns what stops the run."""
-        args = (graph, inputs, fetch, keep, constants, stages, stream, trace)
+        args = (graph, inputs, fetch, keep, constants, stages, stream, trace, names)
         sess = self._session
         data = _constant_data(graph, constants)
-        if (sess is None or sess.conn.closed or stages is not None
-                or (self.residency and any(d not in sess.known and _nbytes(t) > INLINE_MAX
-                                           for d, t in data.items()))):
-            return self._run_task(reply, args)
+        if not self._can_post_now(sess, data, stages):
+            return self._run_task(reply, (*args, self._ticket()))
+        assert sess is not None
         self._drain_frees()  # they ride on this run
         _check_residents(sess, graph)
-        waiter = self._post_run(sess, graph, inputs, fetch, keep, data, None, stream, trace)
+        waiter = self._post_run(sess, graph, inputs, fetch, keep, data, None, stream, trace, names)
         stopped = False
 
         def landed() -> None:  # in the reader, as the reply (or the connection's loss) lands
             if stopped:
                 return
             try:
-                reply(outcome.Value(self._result(sess, graph, waiter, len(fetch), len(keep))))
+                reply(outcome.Value(self._result(sess, graph, waiter, len(fetch), names)))
             except MissingOnServerError as e:  # evicted under the memory limit meanwhile: retry
                 sess.known.difference_update(e.digests)
                 stop_retry.append(self._run_task(reply, args))
@@ -282,17 +349,128 @@ class RemoteBackend:
             waiter.notify = landed
         return stop
 
+    def _can_post_now(self, sess: _Session | None, data: dict[str, torch.Tensor],
+                      stages: StageSchedule | None) -> bool:
+        return not (sess is None or sess.conn.closed or stages is not None or self._unposted
+                    or (self.residency and any(d not in sess.known and _nbytes(t) > INLINE_MAX
+                                               for d, t in data.items())))
+
+    def _start_submit(self, graph: Graph, inputs: list[torch.Tensor], keep: list[int],
+                      constants: dict[str, torch.Tensor], stages: StageSchedule | None, stream: list[int],
+                      names: list[int], reads: list[int]) -> None:
+        """``submit`` in the bridge loop: post now when nothing must be awaited first (as
+        ``_start_run``), else as a task; either way the outcome only marks the handles."""
+        args = (graph, inputs, [], keep, constants, stages, stream, False, names)
+        sess = self._session
+        try:
+            data = _constant_data(graph, constants)
+            slow = not self._can_post_now(sess, data, stages)
+        except Exception as e:
+            slow = False
+            data, sess_error = {}, e
+        else:
+            sess_error = None
+        if slow:
+            def settle(o: outcome.Outcome) -> None:
+                self._unpin(reads)
+                self._settle_submit(sess, names, o)
+
+            ticket = self._ticket()
+            try:
+                self._run_task(settle, (*args, ticket))
+            except Exception as e:  # the loop is shutting down: never raise out of a callback
+                self._posted(ticket[1])
+                settle(outcome.Error(e))
+            return
+        try:
+            if sess_error is not None:
+                raise sess_error
+            assert sess is not None
+            self._drain_frees()
+            _check_residents(sess, graph)
+            waiter = self._post_run(sess, graph, inputs, [], keep, data, stages, stream, False, names)
+        except Exception as e:
+            self._settle_submit(sess, names, outcome.Error(e))
+            return
+        finally:
+            self._unpin(reads)
+
+        def landed() -> None:
+            try:
+                self._settle_submit(sess, names, outcome.Value(self._result(sess, graph, waiter, 0, names)))
+            except MissingOnServerError as e:  # evicted under the memory limit meanwhile: again
+                sess.known.difference_update(e.digests)
+                self._run_task(lambda o: self._settle_submit(sess, names, o), args)
+            except Exception as e:
+                self._settle_submit(sess, names, outcome.Error(e))
+
+        if waiter.event.is_set():
+            landed()
+        else:
+            waiter.notify = landed
+
+    def _unpin(self, reads: list[int]) -> None:
+        if not reads:
+            return
+        with self._frees_lock:
+            for h in reads:
+                left = self._pins.pop(h) - 1
+                if left:
+                    self._pins[h] = left
+            waiting = bool(self._frees)
+        if waiting:
+            self._drain_frees()
+
+    def _settle_submit(self, sess: _Session | None, names: list[int], result: outcome.Outcome) -> None:
+        """A submitted run's outcome: on failure its handles hold nothing, and say why."""
+        if isinstance(result, outcome.Value):
+            return
+        sess = self._session if sess is None else sess
+        if sess is not None:
+            sess.handles.difference_update(names)
+            for h in names:
+                sess.failed[h] = result.error
+
+    async def _fetch(self, handles: list[int]) -> list[torch.Tensor]:
+        prev, mine = self._ticket()  # after the runs that make them
+        try:
+            if prev is not None:
+                await prev.wait()
+            sess = await self._connect()
+            for h in handles:
+                _check_handle(sess, h)
+            waiters = [sess.conn.post(Message("fetch", {"handle": h})) for h in handles]
+        finally:
+            self._posted(mine)
+        out = []
+        try:
+            for h, w in zip(handles, waiters, strict=True):
+                try:
+                    reply = await sess.conn.wait(w)  # type: ignore[arg-type]
+                except GenieError as e:  # its run failed after we asked: say why it failed
+                    _raise_cause(sess, [h], e)
+                    raise
+                if len(reply.buffers) != 1 or not isinstance(reply.buffers[0], torch.Tensor):
+                    raise RemoteProtocolError("a fetch result must carry one tensor")
+                out.append(reply.buffers[0])
+        finally:
+            for w in waiters[len(out):]:
+                sess.conn.abandon(w)  # type: ignore[arg-type]
+        return out
+
     def _run_task(self, reply: Callable[[outcome.Outcome], None], args: tuple) -> Callable[[], None]:
         """``_run(*args)`` as a task of the bridge; its outcome to ``reply``; returns its cancel."""
         scope = trio.CancelScope()
 
         async def runner() -> None:
+            result: outcome.Outcome = outcome.Error(ConnectionLostError("genie's background loop was "
+                                                                        "shut down"))
             with scope:
                 try:
-                    reply(outcome.Value(await self._run(*args)))
+                    result = outcome.Value(await self._run(*args))
                 except Exception as e:
-                    reply(outcome.Error(e))
-            reply(outcome.Error(ConnectionLostError("genie's background loop was shut down")))
+                    result = outcome.Error(e)
+            reply(result)
 
         self.bridge_nursery().start_soon(runner)
         return scope.cancel
@@ -332,46 +510,74 @@ class RemoteBackend:
 
     async def _run(self, graph: Graph, inputs: list[torch.Tensor], fetch: list[int], keep: list[int],
                    constants: dict[str, torch.Tensor], stages: StageSchedule | None = None,
-                   stream: list[int] | None = None, trace: bool = False) -> RunResult:
-        sess = await self._connect()
-        _check_residents(sess, graph)
-        data = _constant_data(graph, constants)
-        for _ in range(RETRIES):
+                      stream: list[int] | None = None, trace: bool = False,
+                   names: list[int] | None = None,
+                   ticket: tuple[trio.Event | None, trio.Event] | None = None) -> RunResult:
+        names = self._new_names(len(keep)) if names is None else names
+        prev, mine = self._ticket() if ticket is None else ticket
+        try:
+            if prev is not None:
+                await prev.wait()
+            sess = await self._connect()
+            data = _constant_data(graph, constants)
+            _check_residents(sess, graph)
             if self.residency:
                 await self._ensure_constants(sess, data)
-            waiter = self._post_run(sess, graph, inputs, fetch, keep, data, stages, stream or [], trace)
+        except BaseException:
+            self._posted(mine)
+            raise
+        for attempt in range(RETRIES):
+            if attempt:  # a retry after an eviction: later runs may have gone ahead (rare)
+                _check_residents(sess, graph)
+                if self.residency:
+                    await self._ensure_constants(sess, data)
+            try:
+                waiter = self._post_run(sess, graph, inputs, fetch, keep, data, stages, stream or [], trace,
+                                        names)
+            finally:
+                self._posted(mine)
             try:
                 reply = await sess.conn.wait(waiter)
             except MissingOnServerError as e:  # evicted under the server's memory limit meanwhile
                 sess.known.difference_update(e.digests)
                 sess.plans.discard(e.plan or "")
                 continue
-            except GenieError:
+            except GenieError as e:
                 _forget_registration(sess, waiter)
+                sess.handles.difference_update(names)
+                for h in names:
+                    sess.makers.pop(h, None)
+                _raise_cause(sess, _reads(graph), e)
                 raise
             break
         else:
             raise RemoteMemoryError("the server keeps evicting this program's constants before it "
                                     "runs: its --memory-limit is too small for the working set")
-        return self._result(sess, graph, waiter, len(fetch), len(keep), reply)
+        return self._result(sess, graph, waiter, len(fetch), names, reply)
 
-    def _result(self, sess: _Session, graph: Graph, waiter: Waiter, n_fetch: int, n_keep: int,
+    def _result(self, sess: _Session, graph: Graph, waiter: Waiter, n_fetch: int, names: list[int],
                 reply: Message | None = None) -> RunResult:
         """The RunResult of a run's reply (raised if it is an error); no checkpoint in here."""
+        for h in names:
+            sess.makers.pop(h, None)
         if reply is None:
             try:
                 reply = sess.conn.outcome(waiter)
-            except GenieError:
+            except GenieError as e:
                 _forget_registration(sess, waiter)
+                sess.handles.difference_update(names)
+                for h in names:
+                    sess.makers.pop(h, None)
+                _raise_cause(sess, _reads(graph), e)
                 raise
         if reply.get("slot_refused"):
             self._refuse_template(sess, graph)
         handles, metas = reply["handles"], reply["metas"]
         early = reply.get("early", [])
-        if (len(handles) != n_keep or len(metas) != n_keep
+        n_keep = len(names)
+        if (handles != names or len(metas) != n_keep
                 or len(reply.buffers) != n_fetch - len(early) or set(early) != set(waiter.parts)):
             raise RemoteProtocolError("run result does not match what was asked")
-        sess.handles.update(handles)
         self.stats.runs += 1
         self.stats.extra["early_outputs"] += len(early)
         rest = iter(reply.buffers)
@@ -379,7 +585,7 @@ class RemoteBackend:
         arrived = {p: m.received_ns for p, m in waiter.parts.items()}
         timeline = reply.get("timeline")
         if isinstance(timeline, dict):
-            timeline = _on_our_clock(timeline, sess.conn.clock_offset)
+            timeline = {**_on_our_clock(timeline, sess.conn.clock_offset), "pid": sess.conn.server_pid}
         return RunResult(fetched, list(handles), [decode_meta(m) for m in metas], timeline, arrived)
 
     async def _ensure_constants(self, sess: _Session, data: dict[str, torch.Tensor]) -> None:
@@ -438,7 +644,7 @@ class RemoteBackend:
 
     def _post_run(self, sess: _Session, graph: Graph, inputs: list[torch.Tensor], fetch: list[int],
                   keep: list[int], data: dict[str, torch.Tensor], stages: StageSchedule | None,
-                  stream: list[int], trace: bool):
+                  stream: list[int], trace: bool, names: list[int]):
         """Build and queue the run message, then its streamed inputs. No checkpoint in here: slot
         state must follow post order, and the inputs must follow their run."""
         inputs = [_wire_tensor(t) for t in inputs]  # first: a bad input must leave no slot state
@@ -462,10 +668,16 @@ class RemoteBackend:
         elif stream:
             raise ValueError("streamed inputs need a stage schedule")
         given = [t for p, t in enumerate(inputs) if p not in streamed]
-        fields.update(inputs=len(given), consts=inline, fetch=fetch, keep=keep)
+        fields.update(inputs=len(given), consts=inline, fetch=fetch, keep=keep, names=names)
         buffers = [*plan, *(_wire_tensor(t) for t in given), *(_wire_tensor(data[d]) for d in inline)]
-        orphan = lambda reply: sess.conn.free_later(list(reply["handles"]))  # a cancelled run's values
+        def orphan(reply: Message) -> None:  # a cancelled run's values
+            sess.handles.difference_update(names)
+            sess.conn.free_later(list(reply["handles"]))
+
         waiter = sess.conn.post(Message("run", fields, buffers), orphan=orphan)
+        sess.handles.update(names)
+        for h in names:
+            sess.makers[h] = waiter
         if fields["plan"] == "graph" and "slot" in fields:
             sess.slots[fields["check"]].registered_by = fields["id"]
         for p in stream:
@@ -533,10 +745,33 @@ def _forget_registration(sess: _Session, waiter: Waiter) -> None:
 
 def _check_residents(sess: _Session, graph: Graph) -> None:
     for n in graph.nodes:
-        if n.op == RESIDENT and n.args[0] not in sess.handles:
-            raise ConnectionLostError(
-                "a tensor this program reads was kept on a genie server connection that has since "
-                "been lost (or freed); compute it again")
+        if n.op == RESIDENT:
+            _check_handle(sess, n.args[0])
+
+
+def _reads(graph: Graph) -> list[int]:
+    return [n.args[0] for n in graph.nodes if n.op == RESIDENT]
+
+
+def _raise_cause(sess: _Session, handles: list[int], error: BaseException) -> None:
+    """A request failed because a value it reads was never made: raise why that run failed."""
+    for h in handles:
+        failed = sess.failed.get(h)
+        if failed is not None:
+            raise failed from error
+        maker = sess.makers.get(h)  # its reply is in, but its caller has not looked yet
+        if maker is not None and maker.reply is not None and maker.reply.kind == "error":
+            raise error_from_message(maker.reply) from error
+
+
+def _check_handle(sess: _Session, h: int) -> None:
+    if h in sess.handles:
+        return
+    failed = sess.failed.get(h)
+    if failed is not None:  # the run that was to make it failed after its caller moved on
+        raise failed
+    raise ConnectionLostError("a tensor this program reads was kept on a genie server connection that "
+                              "has since been lost (or freed); compute it again")
 
 
 def _constant_data(graph: Graph, constants: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -7,12 +7,15 @@ Call tree::
       receive_loop()                    frames -> work queue, in order; ping answered at once;
                                         a run's streamed ``input`` frames go straight to its Inbound;
                                         ``cancel`` at once: the run's Cancel is set (see on_run)
-      work_loop()                       one message at a time, in the order received:
-        HANDLERS[kind](msg)               has, upload, run, fetch, free, stats
-          run: plan (graph | slot, its corrections in the header or two vectors) -> Graph; inline
-               constants (digest checked); then, in a worker thread: stage inputs, compute, keep;
-               a tiny run (``_tiny``: CPU, no stages, few nodes and bytes) runs on the event loop
-               instead, holding a compute slot and its memory reservation like any other
+      work_loop()                       admits one message at a time, in the order received:
+        HANDLERS[kind](msg)               has, upload, stats: answered at once; run, fetch, free:
+                                          a ticket (_order: which earlier requests it waits for),
+                                          then a task each, at most --max-runs (then backpressure)
+          run (admitted): frees; plan (graph | slot, its corrections in the header or two vectors)
+               -> Graph (_decode); inline constants (digest checked); names and handles checked
+          run (its task, _run): wait for its ticket; then, in a worker thread: stage inputs,
+               compute, keep; a tiny run (``_tiny``: CPU, no stages, few nodes and bytes) runs on
+               the event loop instead, holding a compute slot and its memory reservation like any other
           run with stages: StagedInterpreter; a streamed input is waited for (the compute slot
                lent meanwhile) when its first reader's stage starts; each fetched output final
                before the end goes to the send task as a ``part`` when its stage ends
@@ -22,9 +25,12 @@ Call tree::
                                         queued before it is written by the work task at once)
       finally: residents freed; a run still waiting for streamed inputs is failed
 
-Work is ordered per connection (a free queued after a run must not overtake it) but runs in worker
-threads, so a long compute never stops the event loop from serving other connections; only a run
-whose cost is bounded by a few KiB touched runs on the loop, where a thread hop would cost more. A frame that
+Runs of one connection (many sessions multiplexed on it) compute at once, as if they ran one at a
+time in arrival order: a run waits only for earlier ones that keep a handle it reads or touch the
+same resident values (_order), so a long prefill does not hold up other sessions' decode steps. The
+device's compute slots (``--workers``) bound them across connections. Compute runs in worker
+threads, so it never stops the event loop from serving other connections; only a run whose cost is
+bounded by a few KiB touched runs on the loop, where a thread hop would cost more. A frame that
 breaks the protocol closes this connection only; an error inside a run becomes an ``error`` reply.
 
 Results are sent from the tensors themselves, without a copy. So a run that writes to a resident
@@ -38,13 +44,13 @@ import contextlib
 import functools
 import hmac
 import math
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import trio
 
@@ -55,14 +61,12 @@ from genie._errors import (
     RemoteMemoryError,
     RemoteProtocolError,
 )
-from genie.graph import CONST, RESIDENT, SOURCE_OPS, Graph, StageSchedule, content_digest
-from genie.graph._template import Template, apply, fix_lists, predict, split
-from genie.graph._wire import graph_from_bytes
+from genie.graph import CONST, RESIDENT, SOURCE_OPS, content_digest
+from genie.server._decode import Decoder
 from genie.server._inbound import Inbound
 from genie.server._job import Cancel, Job, JobResult, Lender, run_job, written_sources
-from genie.server._memory import check_sizes
-from genie.server._memory import predict as predict_peak
-from genie.server._residency import MissingPlanError, Residents
+from genie.server._order import Order, Ticket
+from genie.server._residency import Residents
 from genie.transport import (
     GONE,
     SERVER,
@@ -82,25 +86,9 @@ if TYPE_CHECKING:
     from genie.server._serve import Server
 
 INLINE_BYTES = 1 << 20  # a constant this small is checked and stored on the event loop
-HEAVY_BYTES = 64 << 10  # a graph this big is decoded in a worker thread, off the event loop
-HEAVY_FILLS = 1024  # ... and a template fill with this many corrections
 SMALL_REPLY = 32 << 10  # payload bytes of a reply written at once by the work task (see _reply)
 TINY_NODES = 32  # a run this small (in nodes and in bytes touched) runs on the event loop
 TINY_BYTES = 64 << 10
-# a run's graph, how many buffers described it, its stage schedule and layout, its predicted peak
-_Decoded = tuple[Graph, int, "StageSchedule | None", "list[list[int]] | None", int]
-
-
-@dataclass
-class Slot:
-    """A template this connection's client registered, and the last two vectors that filled it."""
-
-    template: Template
-    last: np.ndarray
-    prev: np.ndarray
-    strs: list[str]
-    graph: Graph
-    filled: bool = True  # filled once here: later fills rebuild only what changed (cheap)
 
 
 class Connection:
@@ -112,7 +100,9 @@ class Connection:
         self.proto = Protocol(SERVER, max_frame=lim.max_frame, max_header=lim.max_header,
                               max_buffers=lim.max_buffers, allocate=self._allocate)
         self.residents = Residents(server.pool)
-        self.slots: dict[int, Slot] = {}
+        self.order = Order(self.residents)  # which earlier requests each request waits for
+        self.runs_done = 0
+        self.decoder = Decoder(server)  # this connection's plan slots; a run's plan -> graph
         self.outbox, self._outbox_recv = trio.open_memory_channel[Message | memoryview](math.inf)
         self._queued = 0  # outbox items not yet written: a reply may skip the queue only when 0
         self._raw = writable_now(stream)
@@ -127,14 +117,18 @@ class Connection:
         self.closing = False
         self._working = 0  # handlers in progress (the idle watch leaves a busy connection alone)
         self._active = trio.current_time()  # when a frame last arrived or work last finished
+        self._opened = time.monotonic()
+        self.ended = "connection lost"  # who ended it, for the --verbose close line
 
     # -- lifetime -------------------------------------------------------------------------------
     async def serve(self) -> None:
+        self.log("accepted")
         try:
             with trio.move_on_after(self.server.hello_timeout):
                 if not await self.handshake():
                     return
             if not self.greeted:
+                self.log(f"refused: no hello within {self.server.hello_timeout:g} s")
                 return
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -143,10 +137,13 @@ class Connection:
                 nursery.start_soon(self._guard, self.receive_loop)
                 nursery.start_soon(self._guard, self.idle_watch)
         except GONE as e:
-            self.log(f"connection lost: {e}")
+            self.ended = f"connection lost ({e})"
         finally:
             self.residents.close()
             close_now(self.stream)
+            if self.greeted:
+                self.log(f"closed: {self.ended}, after {time.monotonic() - self._opened:.2f} s, "
+                         f"{self.runs_done} runs")
 
     async def _guard(self, loop: Callable[[], Awaitable[None]]) -> None:
         """Run one of the three tasks; its end (or an I/O error) ends the connection."""
@@ -156,7 +153,7 @@ class Connection:
             self.fatal(e)
             return
         except GONE as e:
-            self.log(f"connection lost: {e}")
+            self.ended = f"connection lost ({e})"
         self._nursery.cancel_scope.cancel()
 
     def _allocate(self, n: int) -> memoryview:
@@ -175,7 +172,7 @@ class Connection:
             if self._working or self._in_flight or self.inbound:
                 self._active = trio.current_time()
             elif trio.current_time() >= self._active + idle:
-                self.log(f"idle for {idle:g} s: closing")
+                self.ended = f"by the server (idle for {idle:g} s)"
                 return
 
     def fatal(self, exc: BaseException, req_id: int = 0) -> None:
@@ -183,7 +180,7 @@ class Connection:
         if self.closing:
             return
         self.closing = True
-        self.log(f"closing: {exc}")
+        self.ended = f"by the server ({type(exc).__name__}: {exc})"
         self.work_scope.cancel()
         self._abort_inbound(exc)
         with contextlib.suppress(trio.ClosedResourceError):
@@ -200,14 +197,15 @@ class Connection:
             try:
                 await self.stream.do_handshake()
             except trio.BrokenResourceError as e:  # not TLS (a plain client), or a TLS alert
-                self.log(f"TLS handshake failed: {e.__cause__ or e}")
+                self.log(f"refused: TLS handshake failed: {e.__cause__ or e}")
                 return False
         try:
             msg = await receive_message(self.stream, self.proto)
         except RemoteProtocolError as e:
-            self.log(f"bad greeting: {e}")
+            self.log(f"refused: bad greeting: {e}")
             return False
         if msg is None:
+            self.log("refused: closed by the client before its hello")
             return False
         expected = self.server.token
         if msg["version"] != VERSION:
@@ -217,11 +215,13 @@ class Connection:
             reply = error_message(0, AuthenticationError("bad token"))
         else:
             reply = Message("welcome", {"version": VERSION, "device": str(self.server.device),
-                                        "max_frame": self.server.max_frame, "clock": time.perf_counter_ns()})
+                                        "max_frame": self.server.max_frame, "clock": time.perf_counter_ns(),
+                                        "pid": os.getpid()})
         await send_parts(self.stream, self.proto.send(reply))
         if reply.kind == "error":
-            self.log(reply["message"])
+            self.log(f"refused: {reply['message']}")
             return False
+        self.log(f"hello ok (protocol {VERSION}{', token checked' if expected else ''})")
         self.server.stats["connections"] += 1
         self.greeted = True
         return True
@@ -232,6 +232,7 @@ class Connection:
             while not self.closing:
                 msg = await receive_message(self.stream, self.proto)
                 if msg is None:
+                    self.ended = "by the client"
                     return  # the client closed: nobody is left to answer
                 self._active = trio.current_time()
                 if msg.refused is not None:
@@ -355,23 +356,63 @@ class Connection:
                 self._sent = trio.Event()
 
     async def work_loop(self) -> None:
+        """Requests in arrival order. Each is checked and admitted here, one at a time (a run's plan
+        decoded and its constants stored; its ticket taken, see _order); then a run, a fetch or a
+        free that must wait goes on in a task of its own, at most --max-runs at once: past that,
+        this loop stops taking frames and the client's sends back up (TCP backpressure)."""
+        slots = trio.Semaphore(self.server.limits.max_runs)
         with self.work_scope:
-            async for msg in self._work_recv:
-                req_id = msg.get("id", 0)
-                self._working += 1
-                try:
-                    reply = await HANDLERS[msg.kind](self, msg)
-                except ProtocolError as e:  # malformed content: answer, then close this connection
-                    self.fatal(e, req_id)
-                    break
-                except Exception as e:
-                    reply = error_message(req_id, e)
-                finally:
-                    self._working -= 1
-                    self._active = trio.current_time()
-                if reply is not None and not self.closing:
-                    self._reply(reply)
-        await trio.sleep_forever()  # fatal(): the send task finishes the conversation
+            async with trio.open_nursery() as self._tasks:
+                async for msg in self._work_recv:
+                    await slots.acquire()
+                    req_id = msg.get("id", 0)
+                    self._working += 1
+                    try:
+                        out = await HANDLERS[msg.kind](self, msg)
+                    except ProtocolError as e:  # malformed content: answer, then close this connection
+                        slots.release()
+                        self.fatal(e, req_id)
+                        break
+                    except Exception as e:
+                        out = error_message(req_id, e)
+                    finally:
+                        self._working -= 1
+                        self._active = trio.current_time()
+                    if isinstance(out, Pending):
+                        self._start(out, slots)
+                        continue
+                    slots.release()
+                    if out is not None and not self.closing:
+                        self._reply(out)
+                await trio.sleep_forever()  # fatal(): the send task finishes the conversation
+
+    def _start(self, pending: Pending, slots: trio.Semaphore | None) -> None:
+        self._working += 1
+        stats = self.server.stats  # the most tasks one connection has had at once (--max-runs)
+        stats["peak_tasks_per_connection"] = max(stats["peak_tasks_per_connection"], self._working)
+        self._tasks.start_soon(self._finish, pending, slots)
+
+    async def _finish(self, pending: Pending, slots: trio.Semaphore | None) -> None:
+        """Run an admitted request's task, reply, then end its ticket: after the reply is queued,
+        so that a later run writing a value this one sends waits for the send (see ``_in_flight``)."""
+        ticket, ok = pending.ticket, False
+        try:
+            try:
+                reply = await pending.work()
+                ok = True
+            except ProtocolError as e:
+                self.fatal(e, ticket.id)
+                return
+            except Exception as e:
+                reply = error_message(ticket.id, e)
+            if reply is not None and not self.closing:
+                self._reply(reply)
+        finally:
+            self.order.finish(ticket, ok)
+            self._working -= 1
+            self._active = trio.current_time()
+            if slots is not None:
+                slots.release()
 
     # -- handlers -------------------------------------------------------------------------------
     async def on_has(self, msg: Message) -> Message:
@@ -400,45 +441,67 @@ class Connection:
         self.server.pool.put(digest, t, self.server.device.to_device)
         self.server.stats["uploads"] += 1
 
-    async def on_free(self, msg: Message) -> None:
-        self.residents.free(_ints(msg["handles"], "handles"))
+    async def on_free(self, msg: Message) -> Pending | None:
+        return self._free(_ints(msg["handles"], "handles"))
+
+    def _free(self, handles: list[int]) -> Pending | None:
+        """Drop ``handles`` once the earlier requests that read or keep them have ended: at once when
+        none is left, else in a task (the Pending)."""
+        ticket = self.order.admit(0, set(), frees=handles)
+        if not ticket.after:
+            self.residents.free(handles)
+            self.order.finish(ticket, True)
+            return None
+
+        async def work() -> None:
+            await ticket.wait()
+            self.residents.free(handles)
+
+        return Pending(ticket, work)
 
     async def on_stats(self, msg: Message) -> Message:
         return Message("report", {"id": msg["id"], "stats": self.server.report()})
 
-    async def on_fetch(self, msg: Message) -> Message:
-        t = self.residents.get(msg["handle"])
-        if t is None:
-            raise GenieError(f"handle {msg['handle']} is not resident on this connection")
-        device = self.server.device
-        host = await trio.to_thread.run_sync(device.to_host, [t]) if device.cuda else [t]
-        return Message("result", {"id": msg["id"], "handles": [], "metas": []}, host)
+    async def on_fetch(self, msg: Message) -> Pending:
+        handle = msg["handle"]
+        keys, producers = self.order.reads([handle])
+        ticket = self.order.admit(msg["id"], keys, producers)
 
-    async def on_run(self, msg: Message) -> Message:
+        async def work() -> Message:
+            await ticket.wait()  # the run keeping it, and earlier writers of its storage
+            t = self.residents.get(handle)
+            if t is None:
+                raise GenieError(f"handle {handle} is not resident on this connection")
+            device = self.server.device
+            host = await trio.to_thread.run_sync(device.to_host, [t]) if device.cuda else [t]
+            return Message("result", {"id": msg["id"], "handles": [], "metas": []}, host)
+
+        return Pending(ticket, work)
+
+    async def on_run(self, msg: Message) -> Pending:
+        """Admit a run (its frees first, as the client sent them before it); its task computes."""
         req_id = msg["id"]
         inbound = self.inbound.get(req_id) if "stream" in msg.fields else None
         cancel = self.cancels.setdefault(req_id, Cancel())
-        t0 = time.perf_counter()
         try:
-            with cancel.scope:  # the event loop's waits (the compute slot, sends) end on cancel
-                return await self._run(msg, inbound, cancel)
-            raise RunCancelledError(f"run {req_id} was cancelled by the client")
-        except RunCancelledError:
-            self.server.stats["cancelled"] += 1
-            self.server.stats["cancelled_seconds"] += time.perf_counter() - t0  # until it stopped
+            if "frees" in msg.fields:
+                freeing = self._free(_ints(msg["frees"], "frees"))
+                if freeing is not None:
+                    self._start(freeing, None)  # one per run at most: bounded by --max-runs too
+            job, peak, ticket, writes = await self._admit_run(msg, inbound, cancel)
+        except BaseException as e:
+            if isinstance(e, RunCancelledError):
+                self.server.stats["cancelled"] += 1
+            self._forget_names(msg)
+            self._run_ended(req_id, cancel, inbound)
             raise
-        finally:
-            if self.cancels.get(req_id) is cancel:
-                del self.cancels[req_id]
-            if inbound is not None:
-                inbound.run_done = True
-                self._settle(req_id)
+        return Pending(ticket, functools.partial(self._run, job, peak, ticket, writes))
 
-    async def _run(self, msg: Message, inbound: Inbound | None, cancel: Cancel) -> Message:
-        server = self.server
-        if "frees" in msg.fields:
-            self.residents.free(_ints(msg["frees"], "frees"))
-        graph, n_plan, schedule, layout, peak = await self._decode(msg)
+    async def _admit_run(self, msg: Message, inbound: Inbound | None,
+                         cancel: Cancel) -> tuple[Job, int, Ticket, bool]:
+        """In arrival order: decode the plan (slot state follows the order), bind the inputs, store
+        the inline constants (a later run may name them), check the handles and take a ticket."""
+        graph, n_plan, schedule, layout, peak = await self.decoder.decode(msg)
         if inbound is not None and schedule is None:
             raise RemoteProtocolError("run message: streamed inputs need a stage schedule")
         inputs = self._bind_inputs(msg, n_plan, inbound)
@@ -449,26 +512,65 @@ class Connection:
         fetch, keep = _ints(msg["fetch"], "fetch"), _ints(msg["keep"], "keep")
         if any(not 0 <= i < len(graph.outputs) for i in (*fetch, *keep)):
             raise RemoteProtocolError("run message: fetch/keep index out of range")
-        for n in graph.nodes:
-            if n.op == RESIDENT and n.args[0] not in self.residents:
-                raise GenieError(f"handle {n.args[0]} is not resident on this connection "
-                                 "(freed, or kept by another connection)")
-        device = server.device
+        names = self.residents.check_names(msg.get("names"), len(keep), self.order.live)
+        keys, producers = self.order.reads(n.args[0] for n in graph.nodes if n.op == RESIDENT)
         consts = [n.args[0] for n in graph.nodes if n.op == CONST]
         written, writes_residents = written_sources(graph)
-        if writes_residents:  # a resident being sent must not change under the send
-            while self._in_flight:
-                await self._sent.wait()
-        # on CUDA, staging and copying back run beside other connections' compute (copy stream);
-        # on the CPU both are free, so one worker thread does the whole run
-        if device.cuda:
-            staged = iter(await trio.to_thread.run_sync(device.stage, [t for t in inputs if t is not None]))
-            inputs = [None if t is None else next(staged) for t in inputs]
         job = Job(msg["id"], graph, inputs, consts, fetch, keep, written, schedule, layout, inbound,
-                  bool(msg.get("trace")) and schedule is not None, cancel=cancel)
+                  bool(msg.get("trace")) and schedule is not None, cancel=cancel, names=names)
         if job.trace:
             job.send_log = self._send_logs[job.id] = []
             job.received = (msg.started_ns, msg.received_ns)
+        ticket = self.order.admit(job.id, keys, producers, names=names or ())
+        if ticket.after:
+            self.server.stats["runs_ordered"] += 1  # waits for an earlier run of this connection
+        return job, peak, ticket, writes_residents
+
+    def _forget_names(self, msg: Message) -> None:
+        """A run failed before it was admitted: a later run reading a handle it named learns so."""
+        names = msg.get("names")
+        if type(names) is list and len(names) <= len(msg.get("keep") or ()):
+            for h in names:
+                if type(h) is int and not self.order.live(h):
+                    self.order.forget(h, msg["id"])
+
+    def _run_ended(self, req_id: int, cancel: Cancel, inbound: Inbound | None) -> None:
+        if self.cancels.get(req_id) is cancel:
+            del self.cancels[req_id]
+        if inbound is not None:
+            inbound.run_done = True
+            self._settle(req_id)
+
+    async def _run(self, job: Job, peak: int, ticket: Ticket, writes_residents: bool) -> Message:
+        """A run's task: wait for the earlier runs it depends on, compute, build the reply."""
+        assert job.cancel is not None
+        t0 = time.perf_counter()
+        try:
+            with job.cancel.scope:  # the event loop's waits (earlier runs, the slot, sends) end on cancel
+                return await self._execute(job, peak, ticket, writes_residents)
+            raise RunCancelledError(f"run {job.id} was cancelled by the client")
+        except RunCancelledError:
+            self.server.stats["cancelled"] += 1
+            self.server.stats["cancelled_seconds"] += time.perf_counter() - t0  # until it stopped
+            raise
+        finally:
+            self._run_ended(job.id, job.cancel, job.inbound)
+
+    async def _execute(self, job: Job, peak: int, ticket: Ticket, writes_residents: bool) -> Message:
+        server = self.server
+        await ticket.wait()
+        assert job.cancel is not None
+        job.cancel.check()
+        if writes_residents:  # a resident being sent must not change under the send
+            while self._in_flight:
+                await self._sent.wait()
+        device = server.device
+        # on CUDA, staging and copying back run beside other connections' compute (copy stream);
+        # on the CPU both are free, so one worker thread does the whole run
+        if device.cuda:
+            given = [t for t in job.inputs if t is not None]
+            staged = iter(await trio.to_thread.run_sync(device.stage, given))
+            job.inputs = [None if t is None else next(staged) for t in job.inputs]
         run = functools.partial(run_job, job, server=server, residents=self.residents,
                                 send_part=self._queue_part)
         out = await self._compute(run, job, peak)
@@ -476,7 +578,8 @@ class Connection:
         if device.cuda:
             fetched = await trio.to_thread.run_sync(device.to_host, fetched)
         server.stats["runs"] += 1
-        fields = {"id": msg["id"], "handles": out.handles, "metas": out.metas}
+        self.runs_done += 1
+        fields = {"id": job.id, "handles": out.handles, "metas": out.metas}
         if out.early:
             fields["early"] = out.early
         if out.timeline is not None:
@@ -520,126 +623,29 @@ class Connection:
                     lender.release()
             await lender.acquire()
             try:
-                # runs have their own thread limiter: one waiting for a streamed input holds its thread,
-                # and a connection holds at most one (its work is sequential), so up to max_connections
-                # stalled runs cannot starve other runs, nor the default limiter (decoding, digests)
+                # runs have their own thread limiter, sized so that stalled runs (waiting for a
+                # streamed input, holding their thread) cannot starve the others (see Server)
                 return await trio.to_thread.run_sync(functools.partial(run, lender=lender),
                                                      limiter=server.run_threads)
             finally:
                 lender.release()
-
-    async def _decode(self, msg: Message) -> _Decoded:
-        """The run's graph, how many buffers described it, its stage schedule and layout, and its
-        predicted peak (0 without a memory limit). A big graph or template fill is decoded in a worker
-        thread, so the event loop keeps serving other connections meanwhile."""
-        t0 = time.perf_counter()
-        out = await trio.to_thread.run_sync(self._prepare, msg) if self._heavy(msg) else self._prepare(msg)
-        self.server.stats["plan_seconds"] += time.perf_counter() - t0
-        return out
-
-    def _heavy(self, msg: Message) -> bool:
-        bufs, plan = msg.buffers, msg.get("plan")
-        if plan == "graph":
-            return bool(bufs) and isinstance(bufs[0], memoryview) and len(bufs[0]) > HEAVY_BYTES
-        slot = self.slots.get(msg.get("slot")) if type(msg.get("slot")) is int else None
-        return slot is None or not slot.filled or ("fix" not in msg.fields and bool(bufs)
-                                                   and len(bufs[0]) > HEAVY_FILLS)
-
-    def _prepare(self, msg: Message) -> _Decoded:
-        graph, n_plan = self._plan(msg)
-        schedule, layout = self._schedule(msg, graph)
-        pool = self.server.pool
-        if pool.limit is None:
-            return graph, n_plan, schedule, layout, 0
-        check_sizes(graph)
-        consts = {n.args[0]: pool.nbytes(n.args[0]) for n in graph.nodes if n.op == CONST}
-        return graph, n_plan, schedule, layout, predict_peak(graph, consts).peak
-
-    def _schedule(self, msg: Message, graph: Graph) -> tuple[StageSchedule | None, list[list[int]] | None]:
-        """The run's stage schedule (sent whole and cached under its plan key, or named by key) and
-        its checked layout on ``graph``."""
-        stages = msg.get("stages")
-        if stages is None:
-            return None, None
-        if isinstance(stages, str):
-            schedule = self.server.plans.get(stages)
-            if schedule is None:
-                raise MissingPlanError(stages)
-        else:
-            schedule = StageSchedule.from_wire(stages)
-        layout = schedule.check(graph)  # a cached schedule is checked too: another client may have sent it
-        self.server.plans[schedule.key] = schedule
-        return schedule, layout
 
     def _queue_part(self, req_id: int, pos: int, host: torch.Tensor) -> None:
         if not self.closing:
             self._in_flight += 1
             self._queue(Message("part", {"id": req_id, "output": pos}, [host]))
 
-    def _plan(self, msg: Message) -> tuple[Graph, int]:
-        """The graph a run names, and how many leading buffers described it."""
-        plan = msg["plan"]
-        if plan == "graph":
-            if not msg.buffers or not isinstance(msg.buffers[0], memoryview):
-                raise RemoteProtocolError("run message: plan 'graph' needs the graph bytes first")
-            graph = _graph(msg.buffers[0], self.server.limits.max_nodes)
-            if "slot" in msg.fields:
-                self._register(msg, graph)
-            return graph, 1
-        if plan == "slot":
-            return self._fill(msg)
-        raise RemoteProtocolError(f"run message: unknown plan {plan!r:.40}")
 
-    def _register(self, msg: Message, graph: Graph) -> None:
-        slot, check = msg["slot"], msg.get("check")
-        if type(slot) is not int or not 0 <= slot < self.server.limits.max_slots or type(check) is not str:
-            raise RemoteProtocolError("run message: bad slot registration")
-        parts = split(graph)
-        if parts is None or parts.digest != check:
-            # the client derived another template from this graph: it must stop using the slot
-            self.slots.pop(slot, None)
-            raise ProtocolError("template mismatch: the client and server disagree on the graph")
-        template = self.server.templates.get(parts.digest)
-        if template is None:
-            template = self.server.templates[parts.digest] = Template(parts.skeleton)
-        self.slots[slot] = Slot(template, parts.ints, parts.ints, parts.strs, graph, filled=False)
+@dataclass
+class Pending:
+    """An admitted request that goes on in a task of its own: its ticket, and the work left."""
 
-    def _fill(self, msg: Message) -> tuple[Graph, int]:
-        """The graph of a slot run, and how many buffers carried its corrections: none when they
-        came in the header (``fix``, a few ints), else two vectors."""
-        slot = self.slots.get(msg["slot"]) if type(msg.get("slot")) is int else None
-        if slot is None or msg.get("check") != slot.template.digest:
-            raise RemoteProtocolError("run message: unknown plan slot, or its template differs")
-        if "fix" in msg.fields:
-            n_plan = 0
-            idx_a, vals_a = fix_lists(msg["fix"], len(slot.last))
-        else:
-            n_plan = 2
-            if len(msg.buffers) < 2:
-                raise RemoteProtocolError("run message: plan 'slot' needs its corrections")
-            idx, vals = msg.buffers[0], msg.buffers[1]
-            if not (isinstance(idx, torch.Tensor) and idx.dtype == torch.int32 and idx.dim() == 1
-                    and isinstance(vals, torch.Tensor) and vals.dtype == torch.int64
-                    and vals.shape == idx.shape):
-                raise RemoteProtocolError("run message: corrections must be int32 and int64 vectors")
-            idx_a, vals_a = idx.numpy(), vals.numpy()
-        ints = apply(predict(slot.last, slot.prev), idx_a, vals_a)
-        strs = list(slot.strs)
-        for pair in msg.get("strs", []):
-            if not (isinstance(pair, list) and len(pair) == 2 and type(pair[0]) is int
-                    and 0 <= pair[0] < len(strs) and isinstance(pair[1], str)):
-                raise RemoteProtocolError("run message: bad string correction")
-            strs[pair[0]] = pair[1]
-        if np.array_equal(ints, slot.last) and strs == slot.strs:
-            graph = slot.graph
-        else:
-            graph = slot.template.fill(ints, strs)
-        slot.prev, slot.last, slot.strs, slot.graph, slot.filled = slot.last, ints, strs, graph, True
-        self.server.stats["plan_cache_hits"] += 1
-        return graph, n_plan
+    ticket: Ticket
+    work: Callable[[], Awaitable[Message | None]]
 
 
-HANDLERS: dict[str, Callable[[Connection, Message], Awaitable[Message | None]]] = {
+# each answers at once (a reply, or None), or hands back the Pending rest of its work
+HANDLERS: dict[str, Callable[[Connection, Message], Awaitable[Message | Pending | None]]] = {
     "has": Connection.on_has,
     "upload": Connection.on_upload,
     "run": Connection.on_run,
@@ -673,20 +679,6 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         out *= d
     return out
-
-
-def _graph(data: memoryview, max_nodes: int) -> Graph:
-    """The graph in ``data``, refused past ``max_nodes`` before the expensive part: its JSON parse
-    holds the GIL, so even in a worker thread it stalls the event loop for as long as it takes.
-    Each node record is a JSON list of about 100-200 bytes, so the header's ``[`` bytes bound the
-    node count from above and its length bounds the parse."""
-    if len(data) >= 8:
-        hlen = int.from_bytes(data[4:8], "little")
-        brackets = bytes(data[8 : 8 + hlen]).count(b"[")
-        if brackets > 16 * max_nodes or hlen > 256 * max_nodes:
-            raise RemoteProtocolError(f"run message: a graph header of {hlen} bytes and {brackets} lists is "
-                                      f"more than {max_nodes} nodes take (--max-nodes)")
-    return graph_from_bytes(data, max_nodes=max_nodes)
 
 
 def _strings(v: list, what: str) -> list[str]:

@@ -32,7 +32,7 @@ from genie.graph import Graph, Node, StageSchedule, TensorMeta
 from genie.graph._wire import encode_meta
 from genie.server._inbound import Inbound
 from genie.server._residency import Residents
-from genie.server._session import execute
+from genie.server._session import execute, unshared
 from genie.server._session import written_sources as written_sources  # _conn derives writes by it
 from genie.transport import RunCancelledError
 
@@ -58,6 +58,7 @@ class Job:
     received: tuple[int, int] = (0, 0)  # when the run frame's first and last bytes were read
     send_log: list | None = None  # [name, start, end] of its parts' sends, filled by the send task
     cancel: Cancel | None = None
+    names: list[int] | None = None  # the client's handles for the kept values (else ours)
 
 
 class Cancel:
@@ -144,7 +145,7 @@ def run_job(job: Job, *, server: Server, residents: Residents, lender: Lender | 
         finally:
             check_untouched(server.pool, versions)
     server.stats["compute_seconds"] += time.perf_counter() - t0
-    handles = residents.keep([values[i] for i in job.keep])
+    handles = residents.keep(unshared([values[i] for i in job.keep], server.pool, job.consts), job.names)
     metas = [encode_meta(TensorMeta.of(values[i])) for i in job.keep]
     fetched = [values[i] for p, i in enumerate(job.fetch) if p not in early]
     timeline = None

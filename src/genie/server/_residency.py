@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from genie._errors import RemoteMemoryError
+from genie._errors import GenieError, RemoteMemoryError, RemoteProtocolError
 from genie.transport import MissingOnServerError
 
 
@@ -187,6 +187,7 @@ class ConstantPool(Mapping[str, torch.Tensor]):
 
 
 _handles = itertools.count(random.randrange(1 << 32, 1 << 47))  # distinct across server restarts
+NAME_MAX = 1 << 53  # client-chosen handles: exact in a JSON number (a double)
 
 
 class Residents(dict[int, torch.Tensor]):
@@ -198,39 +199,69 @@ class Residents(dict[int, torch.Tensor]):
         self._bytes: dict[int, int] = {}
         self._ptrs: dict[int, int] = {}  # storage address -> how many kept values share it
         self._ptr: dict[int, int] = {}  # handle -> its storage address
+        # runs of one connection keep values from worker threads while the event loop frees others
+        self._lock = threading.Lock()
 
-    def keep(self, values: Sequence[torch.Tensor]) -> list[int]:
-        """Handles for ``values``; RemoteMemoryError (keeping none) when they cannot fit. A storage
-        already kept counts once (a decode step keeps views of its cache: O(kept), not O(held))."""
-        seen = self._ptrs
-        ptrs, sizes, new = [], [], set()
-        for t in values:
-            ptr = t.untyped_storage().data_ptr()
-            sizes.append(0 if ptr in seen or ptr in new else storage_bytes(t))
-            ptrs.append(ptr)
-            new.add(ptr)
-        self.pool.add_residents(sum(sizes))
-        handles = []
-        for t, n, ptr in zip(values, sizes, ptrs, strict=True):
-            h = next(_handles)
-            self[h] = t
-            self._bytes[h] = n
-            self._ptr[h] = ptr
-            seen[ptr] = seen.get(ptr, 0) + 1
-            handles.append(h)
-        return handles
+    def keep(self, values: Sequence[torch.Tensor], names: Sequence[int] | None = None) -> list[int]:
+        """Handles for ``values`` (``names``, the client's, when given: checked by ``check_names``);
+        RemoteMemoryError (keeping none) when they cannot fit. A storage already kept counts once (a
+        decode step keeps views of its cache: O(kept), not O(held))."""
+        with self._lock:
+            seen = self._ptrs
+            ptrs, sizes, new = [], [], set()
+            for t in values:
+                ptr = t.untyped_storage().data_ptr()
+                sizes.append(0 if ptr in seen or ptr in new else storage_bytes(t))
+                ptrs.append(ptr)
+                new.add(ptr)
+            self.pool.add_residents(sum(sizes))
+            handles = []
+            for i, (t, n, ptr) in enumerate(zip(values, sizes, ptrs, strict=True)):
+                h = names[i] if names is not None else next(_handles)
+                while names is None and h in self:  # a client may have named one of ours already
+                    h = next(_handles)
+                self._bytes[h] = n
+                self._ptr[h] = ptr  # before the handle shows: the event loop may look it up
+                self[h] = t
+                seen[ptr] = seen.get(ptr, 0) + 1
+                handles.append(h)
+            return handles
+
+    def check_names(self, names: object, n_keep: int,
+                    in_use: Callable[[int], bool] | None = None) -> list[int] | None:
+        """A run's client-chosen handles for its kept values (so the client can name them in later
+        runs before this one's reply lands): distinct ints, none in use on this connection (by
+        ``in_use``: a server with runs in progress asks what holds once the earlier ones are done).
+        A bad list is the client's protocol error; a name in use fails only that run."""
+        if names is None:
+            return None
+        if (type(names) is not list or len(names) != n_keep
+                or any(type(h) is not int or not 0 < h < NAME_MAX for h in names)
+                or len(set(names)) != len(names)):
+            raise RemoteProtocolError(f"run message: names must be {n_keep} distinct ints in "
+                                      f"(0, 2**53), one per kept value")
+        taken = [h for h in names if (in_use or self.__contains__)(h)]
+        if taken:
+            raise GenieError(f"handle {taken[0]} is already in use on this connection (a client bug: "
+                             "free it before naming a new value with it)")
+        return names
 
     def free(self, handles: Sequence[int]) -> None:
         n = 0
-        for h in handles:
-            if self.pop(h, None) is not None:
-                n += self._bytes.pop(h)
-                ptr = self._ptr.pop(h)
-                if self._ptrs[ptr] == 1:
-                    del self._ptrs[ptr]
-                else:
-                    self._ptrs[ptr] -= 1
+        with self._lock:
+            for h in handles:
+                if self.pop(h, None) is not None:
+                    n += self._bytes.pop(h)
+                    ptr = self._ptr.pop(h)
+                    if self._ptrs[ptr] == 1:
+                        del self._ptrs[ptr]
+                    else:
+                        self._ptrs[ptr] -= 1
         self.pool.drop_residents(n)
+
+    def storage(self, handle: int) -> int:
+        """The storage address of a kept value: views kept under other handles share it."""
+        return self._ptr[handle]
 
     def close(self) -> None:
         self.free(list(self))

@@ -83,8 +83,12 @@ class _LRU(OrderedDict):
 class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.device = Device(config.device or default_device())
         self.limits = lim = config.limits
+        # --workers: programs computing at once, across connections (the per-device worker pool);
+        # one on a GPU by default (each worker has a stream of its own), a few CPU threads otherwise
+        cuda = (config.device or default_device()).startswith("cuda")
+        workers = lim.workers or (1 if cuda else max(1, min(4, os.cpu_count() or 1)))
+        self.device = Device(config.device or default_device(), streams=workers)
         self.pool = ConstantPool(lim.memory_limit)
         self.token = config.token or ""
         self.tls = tls_context(config)
@@ -93,11 +97,11 @@ class Server:
         self.hello_timeout = lim.hello_timeout
         self.templates: _LRU[str, Template] = _LRU(lim.max_templates)
         self.plans: _LRU[str, StageSchedule] = _LRU(lim.max_templates)  # the client's plan key -> schedule
-        # one program at a time on a GPU (streams order the rest); a few at once on CPU threads
-        limit = 1 if self.device.cuda else max(1, min(4, os.cpu_count() or 1))
-        self.compute_limiter = trio.CapacityLimiter(limit)
-        # a connection runs one job at a time, so this is a thread per connection at most (see _conn)
-        self.run_threads = trio.CapacityLimiter(lim.max_connections)
+        self.compute_limiter = trio.CapacityLimiter(workers)
+        # a run holds a thread while it computes (a compute slot) or waits for a streamed input (its
+        # slot lent out): at most --max-runs of those per connection, so stalled uploads can never
+        # starve the others' runs of threads, nor the default limiter (decoding, digests)
+        self.run_threads = trio.CapacityLimiter(lim.max_connections * lim.max_runs + workers)
         self.open_connections = 0
         self.stats: Counter[str] = Counter()
 

@@ -25,6 +25,7 @@ from typing import TypeVar
 
 import torch
 
+from genie._errors import GenieError
 from genie.graph import CONST, Graph, Node, StageSchedule, TensorMeta
 from genie.graph import written_sources as _derived_writes
 from genie.server._interpreter import Interpreter, own_storage
@@ -66,6 +67,26 @@ def execute(graph: Graph, inputs: Sequence[torch.Tensor | None], *, device: torc
     return values, interp.timeline if isinstance(interp, StagedInterpreter) else None
 
 
+def unshared(values: Sequence[torch.Tensor], pool: Mapping[str, torch.Tensor],
+             consts: Collection[str]) -> list[torch.Tensor]:
+    """Values to keep, each with memory of its own: one that is a shared constant (or a view of
+    one) is copied, or a later in-place write through its handle would reach every client's
+    weight. ``consts``: the constants the run read."""
+    shared = {pool[d].untyped_storage().data_ptr() for d in set(consts) if d in pool}
+    if not shared:
+        return list(values)
+    return [_copy(v) if v.untyped_storage().data_ptr() in shared else v for v in values]
+
+
+def _copy(v: torch.Tensor) -> torch.Tensor:
+    """A copy of only the view's elements, with its strides where they allow one (what the client
+    recorded for it); an overlapping view (``expand``) becomes a plain copy of its values."""
+    try:
+        return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device).copy_(v)
+    except RuntimeError:  # "more than one element of the written-to tensor refers to ..."
+        return v.clone(memory_format=torch.contiguous_format)
+
+
 def written_sources(graph: Graph) -> tuple[list[str], bool]:
     """(digests of constants the graph writes to, whether it writes to a resident value), derived
     from the op schemas by ``genie.graph.written_sources``: the client's ``Node.writes`` and
@@ -104,18 +125,28 @@ class InProcessExecutor:
         self.pool.put(digest, t, lambda host: own_storage(host.to(self.device)))
 
     def run(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int], keep: Sequence[int],
-            stages: StageSchedule | None = None, trace: bool = False,
+            stages: StageSchedule | None = None, trace: bool = False, names: Sequence[int] | None = None,
             ) -> tuple[list[torch.Tensor], list[int], list[TensorMeta], dict | None]:
-        """(fetched values on the device, handles and metas of kept ones, the timeline if traced)."""
+        """(fetched values on the device, handles and metas of kept ones, the timeline if traced);
+        ``names``: the caller's handles for the kept values."""
         layout = stages.check(graph) if stages is not None else None
         graph.check_inputs(inputs)
         values, timeline = execute(graph, inputs, device=self.device, constants=self.pool,
                                    residents=self.residents, schedule=stages, layout=layout, meter=trace)
         kept = [values[i] for i in keep]
-        handles = self.residents.keep(kept)
+        consts = [n.args[0] for n in graph.nodes if n.op == CONST]
+        handles = self.residents.keep(unshared(kept, self.pool, consts),
+                                      self.residents.check_names(names, len(kept)))
         metas = [TensorMeta.of(v) for v in kept]
         wire = timeline.to_wire() if trace and timeline is not None else None
         return [values[i] for i in fetch], handles, metas, wire
+
+    def fetch(self, handles: Sequence[int]) -> list[torch.Tensor]:
+        """Kept values, on the device."""
+        missing = [h for h in handles if h not in self.residents]
+        if missing:
+            raise GenieError(f"handle {missing[0]} is not kept here (freed, or never made)")
+        return [self.residents[h] for h in handles]
 
     def free(self, handles: Sequence[int]) -> None:
         self.residents.free(handles)

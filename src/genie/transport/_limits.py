@@ -40,6 +40,12 @@ LIMITS: dict[str, Limit] = {
     "hello_timeout": Limit(10.0, "seconds", None, "time a new connection has to say hello"),
     "max_connections": Limit(256, "count", "--max-connections",
                              "open connections; more are closed at once"),
+    "max_runs": Limit(16, "count", "--max-runs",
+                      "requests of one connection in progress at once (runs, and fetches and frees "
+                      "waiting for them); past it the server stops reading that connection"),
+    "workers": Limit(None, "count", "--workers",
+                     "programs computing at once on the device, across all connections (default: 1 on "
+                     "a GPU, up to 4 on the CPU)"),
 }
 
 
@@ -59,6 +65,8 @@ class Limits:
     idle_timeout: float = LIMITS["idle_timeout"].default  # type: ignore[assignment]
     hello_timeout: float = LIMITS["hello_timeout"].default  # type: ignore[assignment]
     max_connections: int = LIMITS["max_connections"].default  # type: ignore[assignment]
+    max_runs: int = LIMITS["max_runs"].default  # type: ignore[assignment]
+    workers: int | None = LIMITS["workers"].default  # type: ignore[assignment]
 
     def replace(self, **changes: int | float | None) -> Limits:
         """These limits with ``changes``; a value of None keeps the default (an unset flag)."""

@@ -16,14 +16,14 @@ Messages (``MESSAGES``; every request carries an ``id`` that its reply repeats):
 
     kind     sender  fields                                   buffers              reply
     hello    client  version, token                           -                    welcome | error
-    welcome  server  version, device, max_frame (+ clock)     -
+    welcome  server  version, device, max_frame (+ clock, pid) -
     has      client  id, digests                              -                    have
     have     server  id, missing                              -
     upload   client  id, digests                              one tensor each      done | error
     done     server  id                                       -
     run      client  id, plan, inputs, consts, fetch, keep    plan, inputs, consts part* result | error
-                     (+ frees, slot, check, strs, stages,
-                      stream, trace)
+                     (+ frees, names, slot, check, strs,
+                      stages, stream, trace)
     input    client  id (of its run), input                   one tensor           (none)
     part     server  id, output (a fetch position)            one tensor
     result   server  id, handles, metas (+ early, timeline)   fetched tensors
@@ -37,6 +37,10 @@ Messages (``MESSAGES``; every request carries an ``id`` that its reply repeats):
     error    server  id, kind, message (+ op, traceback,      -
                      missing, plan); id 0: about the connection
                      (kinds: ``_errors.ERROR_KINDS``)
+
+A run may name its kept values: ``names`` holds one client-chosen handle per ``keep`` entry (ints
+in (0, 2**53), distinct, not in use on the connection), so the client can read them in its next
+run before this one's result arrives.
 
 A run may stream its large inputs: ``stream`` lists input positions that follow it, each in its
 own ``input`` frame, so the server starts the first stages before they have arrived. A run with
