@@ -13,3 +13,12 @@ DEV = "remote_accelerator:0"
 @pytest.fixture
 def dev() -> str:
     return DEV
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_restored():
+    """Grad mode is process-wide for the main thread: a test that turns it off must not change the
+    next test's (the kernels refuse grad only when it is on)."""
+    enabled = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(enabled)

@@ -61,7 +61,11 @@ def _eager(ids: torch.Tensor, steps: int, logits: list[torch.Tensor] | None = No
 
 
 async def test_compiled_decode_with_fetch_equals_eager_and_never_moves_the_cache(remote):
-    torch.set_grad_enabled(False)  # (a decorator would hide the coroutine from pytest-trio)
+    with torch.no_grad():  # (a decorator would hide the coroutine from pytest-trio)
+        await _compiled_decode_with_fetch_equals_eager()
+
+
+async def _compiled_decode_with_fetch_equals_eager() -> None:
     torch.manual_seed(1)
     ids = torch.randint(3, 128, (1, 5))
     want_logits: list[torch.Tensor] = []
