@@ -167,7 +167,7 @@ def written_sources(graph: Graph) -> tuple[list[str], bool]:
     from the op schemas, whatever the nodes' own ``writes`` say."""
     consts: list[str] = []
     residents = False
-    for nid in sorted(written_source_nodes(graph)):
+    for nid in sorted(graph.structural("written_source_nodes", written_source_nodes)):
         n = graph.nodes[nid]
         if n.op == CONST:
             consts.append(n.args[0])

@@ -8,7 +8,7 @@ that others read) can be derived without re-running anything.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Any
@@ -132,6 +132,9 @@ def map_refs(value: Any, fn) -> Any:
     return value
 
 
+_MISSING = object()
+
+
 class Graph:
     """Nodes in program order; node ``i`` has id ``i``.
 
@@ -151,10 +154,22 @@ class Graph:
         self.nodes = nodes
         self.outputs = outputs
         self.constants = constants or {}
+        # analyses that depend only on the structure (ops and refs), shared by every graph of one
+        # template (``Template.fill``, a compiled replay): see ``structural``
+        self.shared: dict = {}
         inputs = sorted((n.args[0], n.id) for n in nodes if n.op == INPUT)
         self.inputs = [nid for _, nid in inputs]
 
     # -- structure ----------------------------------------------------------------------------
+    def structural(self, key: object, compute: Callable[[Graph], Any]) -> Any:
+        """``compute(self)``, kept for every graph sharing this one's structure (its ops and refs:
+        graphs filled from one template, whose holes are sizes, handles, seeds and digests)."""
+        shared = self.shared
+        hit = shared.get(key, _MISSING)
+        if hit is _MISSING:
+            hit = shared[key] = compute(self)
+        return hit
+
     def meta(self, ref: Ref) -> TensorMeta:
         return self.nodes[ref.node].outputs[ref.index]
 

@@ -53,7 +53,7 @@ class StageSchedule:
             raise ProtocolError("stage schedule: a stage starts at a node that is not a computation")
         if len(self.ready) != len(graph.outputs) or any(not 0 <= r < self.n_stages for r in self.ready):
             raise ProtocolError("stage schedule: one ready stage per graph output, each a stage index")
-        stage_of, stages = self.layout(graph)
+        stage_of, stages = graph.structural(("layout", tuple(starts)), self.layout)
         last_writer: dict[int, int] = {}
         for n in graph.nodes:
             for sid in n.writes:

@@ -196,6 +196,7 @@ class Template:
         self._int_nodes = np.array(int_nodes, dtype=np.int64)
         self.n_ints, self.n_strs = len(int_nodes), len(self._str_nodes)
         self._last: tuple[np.ndarray, list[str], Graph] | None = None
+        self.shared: dict = {}  # structural analyses of its graphs (``Graph.structural``)
 
     def fill(self, ints: np.ndarray, strs: list[str]) -> Graph:
         if len(ints) != self.n_ints or len(strs) != self.n_strs:
@@ -216,6 +217,7 @@ class Template:
             for i in changed:
                 nodes[i] = self._node(i, ints_list, strs)
             graph = Graph(nodes, list(self._outputs))
+        graph.shared = self.shared  # the skeleton (ops, refs) is this template's: so is the structure
         self._last = (ints.copy(), list(strs), graph)
         return graph
 

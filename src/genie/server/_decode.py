@@ -129,6 +129,7 @@ class Decoder:
         template = self.server.templates.get(parts.digest)
         if template is None:
             template = self.server.templates[parts.digest] = Template(parts.skeleton)
+        graph.shared = template.shared
         self.slots[slot] = Slot(template, parts.ints, parts.ints, parts.strs, graph, filled=False)
 
     def _fill(self, msg: Message) -> tuple[Graph, int]:

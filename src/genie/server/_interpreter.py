@@ -104,7 +104,7 @@ class Interpreter:
 
     def begin(self, inputs: Sequence[torch.Tensor]) -> None:
         self._inputs = inputs
-        self._dead_after = self._last_uses()
+        self._dead_after = self.graph.structural("last_uses", _last_uses)
         self._keep = {r.node for r in self.graph.outputs}
 
     def step(self, node: Node) -> None:
@@ -122,17 +122,6 @@ class Interpreter:
 
     def check_inputs(self, inputs: Sequence[torch.Tensor]) -> None:
         self.graph.check_inputs(inputs)
-
-    def _last_uses(self) -> dict[int, list[int]]:
-        """node id -> values whose last reader it is."""
-        last: dict[int, int] = {}
-        for n in self.graph.nodes:
-            for r in n.refs():
-                last[r.node] = n.id
-        out: dict[int, list[int]] = {}
-        for value, user in last.items():
-            out.setdefault(user, []).append(value)
-        return out
 
     def _value(self, r: Ref) -> Any:
         v = self._values[r.node]
@@ -185,3 +174,15 @@ class Interpreter:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             return fn(*args, **kwargs)
+
+
+def _last_uses(graph: Graph) -> dict[int, list[int]]:
+    """node id -> values whose last reader it is (structural: kept per template)."""
+    last: dict[int, int] = {}
+    for n in graph.nodes:
+        for r in n.refs():
+            last[r.node] = n.id
+    out: dict[int, list[int]] = {}
+    for value, user in last.items():
+        out.setdefault(user, []).append(value)
+    return out

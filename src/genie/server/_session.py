@@ -106,7 +106,9 @@ def private_constants(graph: Graph, written: Collection[str],
             key = f"{n.args[0]}#{n.id}"  # never a digest: hex only
             clones[key] = pool[n.args[0]].clone()
             nodes[i] = dataclasses.replace(n, args=(key,))
-    return Graph(nodes, graph.outputs, graph.constants), clones
+    out = Graph(nodes, graph.outputs, graph.constants)
+    out.shared = graph.shared  # only constants' keys changed, not the structure
+    return out, clones
 
 
 class InProcessExecutor:
