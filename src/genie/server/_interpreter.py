@@ -22,6 +22,7 @@ Call tree::
 
 from __future__ import annotations
 
+import functools
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -72,6 +73,16 @@ def _returns_views(fn: Callable) -> bool:
     return schema is not None and any(r.alias_info is not None for r in schema.returns)
 
 
+_SEQUENCES = (list, tuple)
+
+
+@functools.cache
+def _device_by_position(fn: Callable) -> bool:
+    """Whether ``fn`` takes a device as a positional argument (``aten.to.device``, ``device_put``)."""
+    schema = getattr(fn, "_schema", None)
+    return schema is not None and any(not a.kwarg_only and "Device" in str(a.type) for a in schema.arguments)
+
+
 class Interpreter:
     def __init__(
         self,
@@ -94,6 +105,7 @@ class Interpreter:
         self._fns: dict[str, Callable] = {}
         for op in {n.op for n in graph.nodes if n.op not in SOURCE_OPS}:
             self._fns[op] = resolve_op(op, fused_ops(device) if op.startswith("genie.") else None)
+        self._device_args = {op for op, fn in self._fns.items() if _device_by_position(fn)}
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         self.check_inputs(inputs)
@@ -139,13 +151,17 @@ class Interpreter:
 
     def call_op(self, node: Node) -> Any:
         fn = self._fns[node.op]
-        args = map_refs(node.args, self._value)
-        kwargs = {k: map_refs(v, self._value) for k, v in node.kwargs.items()}
-        if any(type(a) is torch.device for a in args):  # prims.device_put: a device given by position
-            args = tuple(self._local_device(a) if type(a) is torch.device else a for a in args)
-        if "device" in kwargs and kwargs["device"] is not None:
-            kwargs["device"] = self._local_device(kwargs["device"])
-        kwargs.pop("pin_memory", None)
+        value = self._value
+        # one pass over the arguments (most are Refs or plain values; a list may hold Refs)
+        args = [value(a) if type(a) is Ref else map_refs(a, value) if type(a) in _SEQUENCES else a
+                for a in node.args]
+        kwargs = {k: map_refs(v, value) for k, v in node.kwargs.items()} if node.kwargs else {}
+        if node.op in self._device_args:  # aten.to.device, prims.device_put: a device by position
+            args = [self._local_device(a) if type(a) is torch.device else a for a in args]
+        if kwargs:
+            if kwargs.get("device") is not None:
+                kwargs["device"] = self._local_device(kwargs["device"])
+            kwargs.pop("pin_memory", None)
         if self._copied and not self._copied.isdisjoint(node.writes):
             raise UnsupportedOpError(node.op, "it writes memory that a conjugate or negative view also "
                                      "holds; such views run as copies, so the write would not show")
