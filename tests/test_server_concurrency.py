@@ -9,9 +9,10 @@ import _server_fixtures as fx
 import pytest
 import torch
 import trio
+from _graphs import F32, meta, node
 
 import genie
-from genie.graph import CONST, INPUT, RESIDENT, Graph, Node, Ref, TensorMeta, content_digest
+from genie.graph import CONST, INPUT, RESIDENT, Graph, Ref, TensorMeta, content_digest
 from genie.runtime._remote import RemoteBackend
 from genie.transport import Message, Protocol
 from genie.transport._protocol import VERSION
@@ -94,19 +95,6 @@ def test_threads_share_one_connection(remote):
 # Raw frames, so that a test posts runs back to back and names their kept values itself (``names``),
 # as a pipelining client does, and sees the order their replies come in.
 H, V = 1001, 1002  # client-chosen handles
-F32 = torch.float32
-
-
-def meta(*shape: int, dtype: torch.dtype = F32) -> TensorMeta:
-    stride, acc = [], 1
-    for s in reversed(shape):
-        stride.insert(0, acc)
-        acc *= s
-    return TensorMeta(tuple(shape), tuple(stride), dtype)
-
-
-def node(i: int, op: str, *args, outputs=(), **kwargs) -> Node:
-    return Node(i, op, args, kwargs, tuple(outputs))
 
 
 class Raw:

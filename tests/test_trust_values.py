@@ -12,31 +12,18 @@ from __future__ import annotations
 import _server_fixtures as fx
 import pytest
 import torch
+from _graphs import F32, meta, node
 from torch import nn
 
 import genie
 from genie._plan_exec import run_plan
-from genie.graph import CONST, INPUT, Graph, Node, Ref, TensorMeta, content_digest, written_sources
+from genie.graph import CONST, INPUT, Graph, Ref, content_digest, written_sources
 from genie.runtime._remote import RemoteBackend
 from genie.server._job import check_untouched
 from genie.server._residency import ConstantPool
 
 server, remote, any_backend = fx.server, fx.remote, fx.any_backend  # fixtures, by name
 DEV = "remote_accelerator:0"
-F32 = torch.float32
-
-
-def meta(*shape: int, dtype: torch.dtype = F32) -> TensorMeta:
-    stride, acc = [], 1
-    for s in reversed(shape):
-        stride.insert(0, acc)
-        acc *= s
-    return TensorMeta(tuple(shape), tuple(stride), dtype)
-
-
-def node(i: int, op: str, *args, outputs=(), multi=False, **kwargs) -> Node:
-    """A node as a hostile client writes it: no storages, no declared writes."""
-    return Node(i, op, args, kwargs, tuple(outputs), multi)
 
 
 # -- item 4: one client poisons another's weights ------------------------------------------------

@@ -135,6 +135,17 @@ def map_refs(value: Any, fn) -> Any:
 _MISSING = object()
 
 
+def _dead_after(graph: Graph) -> dict[int, list[int]]:
+    last: dict[int, int] = {}
+    for n in graph.nodes:
+        for r in n.refs():
+            last[r.node] = n.id
+    out: dict[int, list[int]] = {}
+    for value, user in last.items():
+        out.setdefault(user, []).append(value)
+    return out
+
+
 class Graph:
     """Nodes in program order; node ``i`` has id ``i``.
 
@@ -169,6 +180,10 @@ class Graph:
         if hit is _MISSING:
             hit = shared[key] = compute(self)
         return hit
+
+    def dead_after(self) -> dict[int, list[int]]:
+        """node id -> the values whose last reader it is (as an executor frees them; structural)."""
+        return self.structural("dead_after", _dead_after)
 
     def meta(self, ref: Ref) -> TensorMeta:
         return self.nodes[ref.node].outputs[ref.index]

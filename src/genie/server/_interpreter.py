@@ -116,7 +116,7 @@ class Interpreter:
 
     def begin(self, inputs: Sequence[torch.Tensor]) -> None:
         self._inputs = inputs
-        self._dead_after = self.graph.structural("last_uses", _last_uses)
+        self._dead_after = self.graph.dead_after()
         self._keep = {r.node for r in self.graph.outputs}
 
     def step(self, node: Node) -> None:
@@ -190,15 +190,3 @@ class Interpreter:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             return fn(*args, **kwargs)
-
-
-def _last_uses(graph: Graph) -> dict[int, list[int]]:
-    """node id -> values whose last reader it is (structural: kept per template)."""
-    last: dict[int, int] = {}
-    for n in graph.nodes:
-        for r in n.refs():
-            last[r.node] = n.id
-    out: dict[int, list[int]] = {}
-    for value, user in last.items():
-        out.setdefault(user, []).append(value)
-    return out

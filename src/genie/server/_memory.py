@@ -88,13 +88,7 @@ def predict(graph: Graph, constant_bytes: Mapping[str, int]) -> Prediction:
     size: dict[int, int] = {}  # group -> bytes it allocated (0: not this run's)
     holders: dict[int, int] = {}  # group -> live node values on it
     const_of: dict[int, str] = {}  # group -> the constant it is
-    last: dict[int, int] = {}
-    for n in graph.nodes:
-        for r in n.refs():
-            last[r.node] = n.id
-    dead_after: dict[int, list[int]] = {}
-    for value, user in last.items():
-        dead_after.setdefault(user, []).append(value)
+    dead_after = graph.dead_after()
     kept = {r.node for r in graph.outputs}
     on: dict[int, set[int]] = {}  # node -> groups its value holds
     alive = peak = copies = 0
