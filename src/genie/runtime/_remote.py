@@ -14,7 +14,7 @@ Call tree::
     await RemoteBackend.fetch_async(handles)                         any loop: ``fetch`` messages
     await RemoteBackend.run_async(...)                               any trio loop: same, multiplexed
       _run(...)                                        in the bridge loop
-        _connect()           first use, or after a loss: a new connection and a new _Session
+        _connect()           first use, or after a loss: a new connection and a new Session
         _ensure_constants()  has -> upload what the server lacks (a progress bar past 64 MiB)
         _post_run()          (holding the session's post order, so runs reach the server in the
                              order they were made: a run may read the handles an earlier one names)
@@ -57,17 +57,14 @@ import random
 import sys
 import threading
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
-import numpy as np
 import outcome
 import torch
 import trio
 
 from genie._errors import ConnectionLostError, GenieError, RemoteMemoryError, RemoteProtocolError
-from genie.graph import CONST, RESIDENT, Graph, StageSchedule
+from genie.graph import CONST, Graph, StageSchedule
 from genie.graph._template import SMALL_FIX, corrections, predict, small_corrections, split
 from genie.graph._wire import decode_meta
 from genie.runtime import _backend
@@ -75,12 +72,12 @@ from genie.runtime._backend import RunResult, Stats
 from genie.runtime._bridge import Bridge
 from genie.runtime._connection import TLS, Connection, Waiter, tls_context, tls_from_env
 from genie.runtime._embedded import EmbeddedServer
-from genie.transport import LIMITS, Message, MissingOnServerError, error_from_message
+from genie.runtime._session import Session, Slot, reads_of
+from genie.transport import LIMITS, Message, MissingOnServerError
 
 INLINE_MAX = 128  # constants this small ride along with the run instead of a has round trip
 UPLOAD_FRAME = 64 << 20
 PROGRESS_MIN = 64 << 20
-MAX_SLOTS: int = LIMITS["max_slots"].default  # type: ignore[assignment]  # the server's, per connection
 MAX_BUFFERS: int = LIMITS["max_buffers"].default  # type: ignore[assignment]  # per frame, by default
 CONNECT_TIMEOUT = 30.0
 RETRIES = 3
@@ -91,37 +88,6 @@ _OPEN: weakref.WeakSet[RemoteBackend] = weakref.WeakSet()
 def _close_all() -> None:
     for b in list(_OPEN):
         b.close()
-
-
-@dataclass
-class _Slot:
-    number: int
-    last: np.ndarray
-    prev: np.ndarray
-    strs: list[str]
-    registered_by: int = 0  # the run that registered it: if that run fails, the server may not have
-
-
-@dataclass
-class _Session:
-    """What this process knows about one connection's server-side state."""
-
-    conn: Connection
-    known: set[str] = field(default_factory=set)  # constant digests the server holds
-    uploading: dict[str, trio.Event] = field(default_factory=dict)
-    slots: OrderedDict[str, _Slot] = field(default_factory=OrderedDict)  # template digest -> slot
-    refused: set[str] = field(default_factory=set)  # templates the server would not register
-    plans: set[str] = field(default_factory=set)  # plan keys whose stage schedule the server was sent
-    handles: set[int] = field(default_factory=set)  # live values this connection made (or will)
-    failed: dict[int, BaseException] = field(default_factory=dict)  # handles whose run failed: why
-    makers: dict[int, Waiter] = field(default_factory=dict)  # handle -> its run's waiter, till settled
-
-    def slot_number(self) -> int:
-        if len(self.slots) < MAX_SLOTS:  # the lowest free number (a failed registration frees one)
-            used = {s.number for s in self.slots.values()}
-            return next(n for n in range(MAX_SLOTS) if n not in used)
-        _, oldest = self.slots.popitem(last=False)
-        return oldest.number  # re-registering overwrites the server's slot
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -160,7 +126,7 @@ class RemoteBackend:
         self._embedded = EmbeddedServer() if address is None else None
         self._bridge: Bridge | None = None
         self._pid = os.getpid()
-        self._session: _Session | None = None
+        self._session: Session | None = None
         self._connect_lock: trio.Lock | None = None
         self._closed = False
         self._lock = threading.Lock()
@@ -198,7 +164,7 @@ class RemoteBackend:
         may read these handles. If it fails, a later run or fetch reading them raises why."""
         names = self._new_names(len(keep))
         # the caller may drop the tensors this run reads before it is posted: their frees wait
-        reads = _reads(graph)
+        reads = reads_of(graph)
         with self._frees_lock:
             for h in reads:
                 self._pins[h] = self._pins.get(h, 0) + 1
@@ -306,12 +272,11 @@ class RemoteBackend:
                    fetch: list[int], keep: list[int], constants: dict[str, torch.Tensor],
                    stages: StageSchedule | None, stream: list[int], trace: bool,
                    names: list[int]) -> Callable[[], None]:
-        """In the bridge loop, for a blocked caller (``Bridge.call_back``): when nothing must be
-        awaited first (connected, every big constant already on the server, no earlier run still
-        waiting to be posted), post the run at once,
-        and let the connection's reader build the result and wake the caller as the reply lands.
-        Otherwise (or when the server lost a constant meanwhile) ``_run`` does it all as a task.
-        Returns what stops the run."""
+        """In the bridge loop, for a blocked caller (``Bridge.call_back``) or a submit: when nothing
+        must be awaited first (connected, every big constant already on the server, no earlier run
+        still waiting to be posted), post the run at once, and let the connection's reader build
+        the result and hand it to ``reply`` as it lands. Otherwise (or when the server lost a
+        constant meanwhile) ``_run`` does it all as a task. Returns what stops the run."""
         args = (graph, inputs, fetch, keep, constants, stages, stream, trace, names)
         sess = self._session
         data = _constant_data(graph, constants)
@@ -319,7 +284,7 @@ class RemoteBackend:
             return self._run_task(reply, (*args, self._ticket()))
         assert sess is not None
         self._drain_frees()  # they ride on this run
-        _check_residents(sess, graph)
+        sess.check_residents(graph)
         waiter = self._post_run(sess, graph, inputs, fetch, keep, data, None, stream, trace, names)
         stopped = False
 
@@ -349,7 +314,7 @@ class RemoteBackend:
             waiter.notify = landed
         return stop
 
-    def _can_post_now(self, sess: _Session | None, data: dict[str, torch.Tensor],
+    def _can_post_now(self, sess: Session | None, data: dict[str, torch.Tensor],
                       stages: StageSchedule | None) -> bool:
         return not (sess is None or sess.conn.closed or stages is not None or self._unposted
                     or (self.residency and any(d not in sess.known and _nbytes(t) > INLINE_MAX
@@ -358,56 +323,16 @@ class RemoteBackend:
     def _start_submit(self, graph: Graph, inputs: list[torch.Tensor], keep: list[int],
                       constants: dict[str, torch.Tensor], stages: StageSchedule | None, stream: list[int],
                       names: list[int], reads: list[int]) -> None:
-        """``submit`` in the bridge loop: post now when nothing must be awaited first (as
-        ``_start_run``), else as a task; either way the outcome only marks the handles."""
-        args = (graph, inputs, [], keep, constants, stages, stream, False, names)
-        sess = self._session
-        try:
-            data = _constant_data(graph, constants)
-            slow = not self._can_post_now(sess, data, stages)
-        except Exception as e:
-            slow = False
-            data, sess_error = {}, e
-        else:
-            sess_error = None
-        if slow:
-            def settle(o: outcome.Outcome) -> None:
-                self._unpin(reads)
-                self._settle_submit(sess, names, o)
-
-            ticket = self._ticket()
-            try:
-                self._run_task(settle, (*args, ticket))
-            except Exception as e:  # the loop is shutting down: never raise out of a callback
-                self._posted(ticket[1])
-                settle(outcome.Error(e))
-            return
-        try:
-            if sess_error is not None:
-                raise sess_error
-            assert sess is not None
-            self._drain_frees()
-            _check_residents(sess, graph)
-            waiter = self._post_run(sess, graph, inputs, [], keep, data, stages, stream, False, names)
-        except Exception as e:
-            self._settle_submit(sess, names, outcome.Error(e))
-            return
-        finally:
+        """``submit`` in the bridge loop: ``_start_run``, with nobody waiting; its outcome only
+        marks the handles (and lets go of the handles it reads)."""
+        def settle(result: outcome.Outcome) -> None:
             self._unpin(reads)
+            self._settle_submit(names, result)
 
-        def landed() -> None:
-            try:
-                self._settle_submit(sess, names, outcome.Value(self._result(sess, graph, waiter, 0, names)))
-            except MissingOnServerError as e:  # evicted under the memory limit meanwhile: again
-                sess.known.difference_update(e.digests)
-                self._run_task(lambda o: self._settle_submit(sess, names, o), args)
-            except Exception as e:
-                self._settle_submit(sess, names, outcome.Error(e))
-
-        if waiter.event.is_set():
-            landed()
-        else:
-            waiter.notify = landed
+        try:
+            self._start_run(settle, graph, inputs, [], keep, constants, stages, stream, False, names)
+        except Exception as e:  # never raise out of a callback of the loop
+            settle(outcome.Error(e))
 
     def _unpin(self, reads: list[int]) -> None:
         if not reads:
@@ -421,11 +346,11 @@ class RemoteBackend:
         if waiting:
             self._drain_frees()
 
-    def _settle_submit(self, sess: _Session | None, names: list[int], result: outcome.Outcome) -> None:
+    def _settle_submit(self, names: list[int], result: outcome.Outcome) -> None:
         """A submitted run's outcome: on failure its handles hold nothing, and say why."""
         if isinstance(result, outcome.Value):
             return
-        sess = self._session if sess is None else sess
+        sess = self._session
         if sess is not None:
             sess.handles.difference_update(names)
             for h in names:
@@ -438,7 +363,7 @@ class RemoteBackend:
                 await prev.wait()
             sess = await self._connect()
             for h in handles:
-                _check_handle(sess, h)
+                sess.check_handle(h)
             waiters = [sess.conn.post(Message("fetch", {"handle": h})) for h in handles]
         finally:
             self._posted(mine)
@@ -448,7 +373,7 @@ class RemoteBackend:
                 try:
                     reply = await sess.conn.wait(w)  # type: ignore[arg-type]
                 except GenieError as e:  # its run failed after we asked: say why it failed
-                    _raise_cause(sess, [h], e)
+                    sess.raise_cause([h], e)
                     raise
                 if len(reply.buffers) != 1 or not isinstance(reply.buffers[0], torch.Tensor):
                     raise RemoteProtocolError("a fetch result must carry one tensor")
@@ -475,7 +400,7 @@ class RemoteBackend:
         self.bridge_nursery().start_soon(runner)
         return scope.cancel
 
-    async def _connect(self) -> _Session:
+    async def _connect(self) -> Session:
         sess = self._session
         if sess is not None and not sess.conn.closed:
             return sess
@@ -498,7 +423,7 @@ class RemoteBackend:
                     from None
             await self.bridge_nursery().start(conn.run)
             self.stats.extra["connections"] += 1
-            self._session = sess = _Session(conn)
+            self._session = sess = Session(conn)
             conn.holds_values = lambda: bool(sess.handles)
             return self._session
 
@@ -520,7 +445,7 @@ class RemoteBackend:
                 await prev.wait()
             sess = await self._connect()
             data = _constant_data(graph, constants)
-            _check_residents(sess, graph)
+            sess.check_residents(graph)
             if self.residency:
                 await self._ensure_constants(sess, data)
         except BaseException:
@@ -528,7 +453,7 @@ class RemoteBackend:
             raise
         for attempt in range(RETRIES):
             if attempt:  # a retry after an eviction: later runs may have gone ahead (rare)
-                _check_residents(sess, graph)
+                sess.check_residents(graph)
                 if self.residency:
                     await self._ensure_constants(sess, data)
             try:
@@ -543,11 +468,7 @@ class RemoteBackend:
                 sess.plans.discard(e.plan or "")
                 continue
             except GenieError as e:
-                _forget_registration(sess, waiter)
-                sess.handles.difference_update(names)
-                for h in names:
-                    sess.makers.pop(h, None)
-                _raise_cause(sess, _reads(graph), e)
+                sess.run_failed(graph, waiter, names, e)
                 raise
             break
         else:
@@ -555,7 +476,7 @@ class RemoteBackend:
                                     "runs: its --memory-limit is too small for the working set")
         return self._result(sess, graph, waiter, len(fetch), names, reply)
 
-    def _result(self, sess: _Session, graph: Graph, waiter: Waiter, n_fetch: int, names: list[int],
+    def _result(self, sess: Session, graph: Graph, waiter: Waiter, n_fetch: int, names: list[int],
                 reply: Message | None = None) -> RunResult:
         """The RunResult of a run's reply (raised if it is an error); no checkpoint in here."""
         for h in names:
@@ -564,11 +485,7 @@ class RemoteBackend:
             try:
                 reply = sess.conn.outcome(waiter)
             except GenieError as e:
-                _forget_registration(sess, waiter)
-                sess.handles.difference_update(names)
-                for h in names:
-                    sess.makers.pop(h, None)
-                _raise_cause(sess, _reads(graph), e)
+                sess.run_failed(graph, waiter, names, e)
                 raise
         if reply.get("slot_refused"):
             self._refuse_template(sess, graph)
@@ -588,7 +505,7 @@ class RemoteBackend:
             timeline = {**_on_our_clock(timeline, sess.conn.clock_offset), "pid": sess.conn.server_pid}
         return RunResult(fetched, list(handles), [decode_meta(m) for m in metas], timeline, arrived)
 
-    async def _ensure_constants(self, sess: _Session, data: dict[str, torch.Tensor]) -> None:
+    async def _ensure_constants(self, sess: Session, data: dict[str, torch.Tensor]) -> None:
         """Make sure the server holds every big constant: ask which it lacks, upload those."""
         big = [d for d, t in data.items() if d not in sess.known and _nbytes(t) > INLINE_MAX]
         for d in big:
@@ -611,7 +528,7 @@ class RemoteBackend:
                 sess.uploading.pop(d, None)
                 ev.set()
 
-    async def _upload(self, sess: _Session, items: list[tuple[str, torch.Tensor]]) -> None:
+    async def _upload(self, sess: Session, items: list[tuple[str, torch.Tensor]]) -> None:
         frame = min(UPLOAD_FRAME, sess.conn.max_frame)
         for _, t in items:
             if _nbytes(t) > sess.conn.max_frame - (64 << 10):
@@ -642,7 +559,7 @@ class RemoteBackend:
             if bar is not None:
                 bar.close()
 
-    def _post_run(self, sess: _Session, graph: Graph, inputs: list[torch.Tensor], fetch: list[int],
+    def _post_run(self, sess: Session, graph: Graph, inputs: list[torch.Tensor], fetch: list[int],
                   keep: list[int], data: dict[str, torch.Tensor], stages: StageSchedule | None,
                   stream: list[int], trace: bool, names: list[int]):
         """Build and queue the run message, then its streamed inputs. No checkpoint in here: slot
@@ -686,7 +603,7 @@ class RemoteBackend:
         self.stats.extra["streamed_inputs"] += len(stream)
         return waiter
 
-    def _plan(self, sess: _Session, graph: Graph) -> tuple[dict, list]:
+    def _plan(self, sess: Session, graph: Graph) -> tuple[dict, list]:
         whole = lambda: [graph.to_bytes(with_constants=False)]
         if not self.residency:
             return {"plan": "graph"}, whole()
@@ -696,7 +613,7 @@ class RemoteBackend:
         slot = sess.slots.get(parts.digest)
         if slot is None:
             number = sess.slot_number()
-            sess.slots[parts.digest] = _Slot(number, parts.ints, parts.ints, parts.strs)
+            sess.slots[parts.digest] = Slot(number, parts.ints, parts.ints, parts.strs)
             return {"plan": "graph", "slot": number, "check": parts.digest}, whole()
         sess.slots.move_to_end(parts.digest)
         strs = [[i, s] for i, (s, old) in enumerate(zip(parts.strs, slot.strs, strict=True)) if s != old]
@@ -715,7 +632,7 @@ class RemoteBackend:
         self.stats.plan_cache_hits += 1
         return fields, buffers
 
-    def _refuse_template(self, sess: _Session, graph: Graph) -> None:
+    def _refuse_template(self, sess: Session, graph: Graph) -> None:
         parts = split(graph)
         if parts is not None:
             sess.slots.pop(parts.digest, None)
@@ -733,45 +650,6 @@ def _on_our_clock(timeline: dict, offset: int) -> dict:
     return {**timeline, "stages": shift(timeline.get("stages"), 0), "waits": shift(timeline.get("waits"), 1),
             "outputs": shift(timeline.get("outputs"), 1), "receives": shift(timeline.get("receives"), 1),
             "sends": shift(timeline.get("sends"), 1)}
-
-
-def _forget_registration(sess: _Session, waiter: Waiter) -> None:
-    """A run failed: if it registered a template slot, the server may have refused the graph before
-    registering it, so the slot is forgotten (the next run of that template registers it again)."""
-    for digest, slot in list(sess.slots.items()):
-        if slot.registered_by == waiter.cancel_id:
-            del sess.slots[digest]
-
-
-def _check_residents(sess: _Session, graph: Graph) -> None:
-    for n in graph.nodes:
-        if n.op == RESIDENT:
-            _check_handle(sess, n.args[0])
-
-
-def _reads(graph: Graph) -> list[int]:
-    return [n.args[0] for n in graph.nodes if n.op == RESIDENT]
-
-
-def _raise_cause(sess: _Session, handles: list[int], error: BaseException) -> None:
-    """A request failed because a value it reads was never made: raise why that run failed."""
-    for h in handles:
-        failed = sess.failed.get(h)
-        if failed is not None:
-            raise failed from error
-        maker = sess.makers.get(h)  # its reply is in, but its caller has not looked yet
-        if maker is not None and maker.reply is not None and maker.reply.kind == "error":
-            raise error_from_message(maker.reply) from error
-
-
-def _check_handle(sess: _Session, h: int) -> None:
-    if h in sess.handles:
-        return
-    failed = sess.failed.get(h)
-    if failed is not None:  # the run that was to make it failed after its caller moved on
-        raise failed
-    raise ConnectionLostError("a tensor this program reads was kept on a genie server connection that "
-                              "has since been lost (or freed); compute it again")
 
 
 def _constant_data(graph: Graph, constants: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
