@@ -7,7 +7,7 @@ Random weights (no hub download); tokens must equal eager. Each step is one ``fo
 token's fetch. Per step (medians) the client's own time (outside ``Backend.run``) and the time
 inside ``Backend.run`` (send, server compute, receive) are split by wrapping the backend's ``run``
 from here, so the product carries no timing code; the server's own counters (asked between steps)
-give its compute, plan (decode, template fill, checks) and send time per step. Also: the client
+give its compute, read (graph decode, template fill, checks) and send time per step. Also: the client
 time of one compiled call for 2 and 12 layers (GPT-2-small width), and the tiny-op round trip next
 to a raw two-process ping-pong (bench/roundtrip.py).
 Writes bench/results/decode.json.
@@ -74,7 +74,7 @@ def decode(model, ids: torch.Tensor, steps: int, dev: str, resident_input: bool 
     cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 1)
     out = model(ids.to(dev), past_key_values=cache, use_cache=True)
     tokens, step_s, call_s, call_inside, fetch_s, sent, trips, call_cpu = [], [], [], [], [], [], [], []
-    server: dict[str, list[float]] = {"compute_seconds": [], "plan_seconds": [], "send_seconds": []}
+    server: dict[str, list[float]] = {"compute_seconds": [], "read_seconds": [], "send_seconds": []}
     ask = getattr(backend(), "server_stats", None) if dev != "cpu" else None
     for i in range(steps):
         ss0 = ask() if ask is not None else None  # outside the timed step (it is a round trip)
@@ -137,7 +137,7 @@ def one_model(name: str, make, steps: int) -> list[dict]:
             "fwd in run ms": r.get("call_run_ms", 0.0) if mode != "eager" else 0.0,
             "fwd cpu ms": r["call_cpu_ms"],
             "fetch ms": r["fetch_ms"], "srv compute ms": r.get("server_compute_ms", 0.0),
-            "srv plan ms": r.get("server_plan_ms", 0.0), "srv send ms": r.get("server_send_ms", 0.0),
+            "srv read ms": r.get("server_read_ms", 0.0), "srv send ms": r.get("server_send_ms", 0.0),
             "sent B/step": r["sent_per_step"], "round trips/step": r["round_trips_per_step"]})
     return rows
 

@@ -120,13 +120,13 @@ def main() -> None:
             got, steps = decode(remote_model, prompt[:, :8], args.steps, remote=True)
             server1 = backend.server_stats()
             server_ms = {k: (server1[k] - server0[k]) / args.steps * 1e3
-                         for k in ("plan_seconds", "compute_seconds")}
+                         for k in ("read_seconds", "compute_seconds")}
             assert got == want, (got, want)
-            hot = steps[2:] or steps[-1:]  # from the third step on: plan-cache hits
+            hot = steps[2:] or steps[-1:]  # from the third step on: template hits
             resident = {"ms": statistics.median(d for d, _ in hot) * 1e3,
                         "sent": statistics.median(s["bytes_sent"] for _, s in hot),
                         "received": statistics.median(s["bytes_received"] for _, s in hot)}
-            hits = genie.stats()["plan_cache_hits"]
+            hits = genie.stats()["template_hits"]
         local_step = statistics.median(d for d, _ in local_steps[2:] or local_steps) * 1e3
         rows.append({"case": "decode step, resident", "local ms": local_step, "remote ms": resident["ms"],
                      "remote/local": resident["ms"] / local_step, "sent/run B": int(resident["sent"]),
@@ -160,8 +160,8 @@ def main() -> None:
         "decode bytes/step target": "<= 4096 on a plan-cache hit",
         "resident decode bytes/step": resident["sent"] + resident["received"],
         "naive decode bytes/step": naive["sent"] + naive["received"],
-        "plan cache hits (resident client)": hits,
-        "server ms per resident decode step (plan = template fill, compute = interpreter)": server_ms,
+        "template hits (resident client)": hits,
+        "server ms per resident decode step (read = template fill, compute = interpreter)": server_ms,
     })
 
 

@@ -115,25 +115,25 @@ def _trace(owner: object, name: str, enter: str | None, leave: str | None) -> No
 
 
 def trace_client() -> None:
-    from genie.runtime import _connection, _remote
+    from genie.runtime import _connection, _remote, _session
 
     _trace(_remote.RemoteBackend, "run", "client: call", "client: caller woken")
     _trace(_remote.RemoteBackend, "_start_run", "client: in bridge loop", None)
-    _trace(_remote.RemoteBackend, "_result", None, "client: result built")
-    _trace(_remote.RemoteBackend, "_post_run", None, "client: run encoded+posted")
+    _trace(_session.Session, "result", None, "client: result built")
+    _trace(_session.Session, "post_run", None, "client: run encoded+posted")
     _trace(_connection, "send_parts", "client: write task", "client: sent")
     _trace(_connection, "receive_message", None, "client: reply parsed")
 
 
 def trace_server() -> None:
-    from genie.server import _conn
+    from genie.server import _handler, _reader, _requests
 
-    _trace(_conn, "receive_message", None, "server: frame parsed")
-    _trace(_conn.HANDLERS, "run", "server: work task", "server: reply built")
-    _trace(_conn.Connection, "_decode", "server: run handler", "server: plan filled+checked")
-    _trace(_conn.Connection, "_compute", "server: bound inputs", None)
-    _trace(_conn, "run_job", "server: run starts", "server: run done")
-    _trace(_conn, "send_parts", "server: send task", "server: sent")
+    _trace(_handler, "receive_message", None, "server: frame parsed")
+    _trace(_requests.REQUESTS, "run", "server: work task", "server: reply built")
+    _trace(_reader.RunReader, "read", "server: run handler", "server: graph filled+checked")
+    _trace(_requests, "_compute", "server: bound inputs", None)
+    _trace(_requests, "run_job", "server: run starts", "server: run done")
+    _trace(_handler, "send_parts", "server: send task", "server: sent")
 
 
 def serve_traced(out: str, argv: list[str]) -> None:

@@ -229,11 +229,3 @@ def depthwise_case() -> Case:
                       BLOCK_P=256)  # what _depthwise_blocks picks for a large image
     return Case("depthwise", "bf16 3x3 4x256 w4", _conv_depthwise, pointers, constexprs, ("eps",),
                 dict(num_warps=4))
-
-
-def all_cases() -> Iterator[Case]:
-    yield from attention_cases()
-    yield from attention_cases(head_dims=(64,), dtypes=("fp32",), causal=(False,))
-    yield from conv_cases()
-    yield from decode_cases()
-    yield depthwise_case()

@@ -1,6 +1,6 @@
 """Real ``genie serve`` subprocesses on 127.0.0.1 for the server tests (no mocks).
 
-Import the fixtures into a test module: ``from tests._server_fixtures import server, remote``.
+Import the fixtures into a test module: ``from _server_fixtures import server, remote``.
 """
 
 from __future__ import annotations

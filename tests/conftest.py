@@ -22,3 +22,27 @@ def _grad_mode_restored():
     enabled = torch.is_grad_enabled()
     yield
     torch.set_grad_enabled(enabled)
+
+
+# -- the kernel tests' shared setup (test_kernels_*.py take it with ``pytestmark``) -----------------
+KERNEL_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+BF16_INTERPRETER = "Triton 3.9's interpreter returns garbage for tl.dot on bf16; checked on a GPU"
+
+
+@pytest.fixture(scope="module")
+def triton_interpreter():
+    """Genie's Triton kernels run in Triton's interpreter on the CPU for the whole module (the
+    kernels read GENIE_TRITON_INTERPRET at call time)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GENIE_TRITON_INTERPRET", "1")
+        yield
+
+
+@pytest.fixture
+def seeded() -> None:
+    torch.manual_seed(0)
+
+
+def skip_bf16_dot_on_cpu(dtype: torch.dtype, device: str) -> None:
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip(BF16_INTERPRETER)

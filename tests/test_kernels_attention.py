@@ -25,31 +25,15 @@ import genie.kernels as K
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import KERNEL_DEVICES as DEVICES
+from conftest import skip_bf16_dot_on_cpu
 from genie.kernels import _decode
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-BF16_INTERPRETER = "Triton 3.9's interpreter returns garbage for tl.dot on bf16; checked on a GPU"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpret():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GENIE_TRITON_INTERPRET", "1")
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
-def _skip_bf16_on_cpu(dtype: torch.dtype, device: str) -> None:
-    if dtype == torch.bfloat16 and device == "cpu":
-        pytest.skip(BF16_INTERPRETER)
+pytestmark = pytest.mark.usefixtures("triton_interpreter", "seeded")
 
 
 def _qkv(b, h, h_kv, q_len, k_len, d, dtype, device="cpu"):
@@ -110,7 +94,7 @@ SHAPES = [  # (batch, heads, kv_heads, q_len, k_len, head_dim, causal)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("b, h, h_kv, q_len, k_len, d, causal", SHAPES)
 def test_attention_matches_sdpa(b, h, h_kv, q_len, k_len, d, causal, dtype, device):
-    _skip_bf16_on_cpu(dtype, device)
+    skip_bf16_dot_on_cpu(dtype, device)
     q, k, v = _qkv(b, h, h_kv, q_len, k_len, d, dtype, device)
     out = K.attention(q, k, v, causal=causal)
     assert out.shape == q.shape and out.is_contiguous()
@@ -155,7 +139,7 @@ DECODE = [  # (batch, heads, kv_heads, q_len, capacity, cache_len, head_dim, cau
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("b, h, h_kv, q_len, capacity, length, d, causal", DECODE)
 def test_decode_matches_sdpa(b, h, h_kv, q_len, capacity, length, d, causal, dtype, device):
-    _skip_bf16_on_cpu(dtype, device)
+    skip_bf16_dot_on_cpu(dtype, device)
     q, k, v = _qkv(b, h, h_kv, q_len, capacity, d, dtype, device)
     out = K.decode_attention(q, k, v, length, causal=causal)
     want = expected(q, k[:, :, :length], v[:, :, :length], causal) if length else torch.zeros_like(q)

@@ -19,27 +19,16 @@ import genie.kernels as K
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import KERNEL_DEVICES as DEVICES
+from conftest import skip_bf16_dot_on_cpu
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, None: lambda y: y}
-BF16_INTERPRETER = "Triton 3.9's interpreter returns garbage for tl.dot on bf16; checked on a GPU"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpret():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GENIE_TRITON_INTERPRET", "1")
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("triton_interpreter", "seeded")
 
 
 def make_bn(channels: int, device: str = "cpu", affine: bool = True) -> nn.BatchNorm2d:
@@ -88,8 +77,7 @@ CASES = [  # (N, C, H, W, C_out, kernel, stride, padding, dilation)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n, c, h, w, c_out, ks, stride, padding, dilation", CASES)
 def test_conv_bn_relu_matches_unfused(n, c, h, w, c_out, ks, stride, padding, dilation, dtype, device):
-    if dtype == torch.bfloat16 and device == "cpu":
-        pytest.skip(BF16_INTERPRETER)
+    skip_bf16_dot_on_cpu(dtype, device)
     kh, kw = (ks, ks) if isinstance(ks, int) else ks
     x = torch.randn(n, c, h, w, dtype=dtype, device=device)
     weight = (torch.randn(c_out, c, kh, kw, device=device) / (c * kh * kw) ** 0.5).to(dtype)

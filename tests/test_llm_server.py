@@ -15,16 +15,11 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
-
-for _pkg in ("starlette", "httpx", "hypercorn", "uvicorn"):
-    pytest.importorskip(_pkg, reason=f"{_pkg} is not installed (make setup installs it)")
-
-import httpx  # noqa: E402
-import trio  # noqa: E402
-
-from tests._server_fixtures import ServerProcess, server  # noqa: E402, F401
+import trio
+from _server_fixtures import ServerProcess, server  # noqa: F401
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "llm_server.py"
 PROMPTS = [([5, 7, 9, 11], 12), ([1], 5), ([3, 3, 3], 20), ([100, 2, 64, 17, 8, 99], 9),

@@ -66,7 +66,8 @@ def test_fusion_is_skipped_when_an_intermediate_escapes() -> None:
 def test_fused_graph_survives_the_wire(name: str) -> None:
     plan = genie.schedule(traced(name))
     g2 = genie.Graph.from_bytes(plan.graph.to_bytes())
-    assert g2.digest == plan.graph.digest
+    assert g2.digest == plan.graph.digest and not g2.constants  # weights travel apart, by digest
+    g2.constants = plan.graph.constants
     for a, b in zip(run(plan.graph, example(name)), run(g2, example(name)), strict=True):
         torch.testing.assert_close(b, a)
 
@@ -132,7 +133,7 @@ def test_large_input_opens_a_stage_and_early_output_closes_one() -> None:
     assert s0.uploads == (0,) and s1.uploads == (1,)  # the first stage does not wait for big
     assert [t.what for t in plan.uploads] == ["input 0", "input 1"]
     assert s0.ready_outputs == (0,) and s1.ready_outputs == (1,)  # a goes back before b is done
-    assert plan.output_stage(0) == 0 and plan.downloads[0].stage == 0
+    assert plan.downloads[0].stage == 0
 
 
 def test_a_server_recomputes_the_same_plan_from_the_fused_graph() -> None:
@@ -142,8 +143,8 @@ def test_a_server_recomputes_the_same_plan_from_the_fused_graph() -> None:
         assert not again.fusion_groups and again.graph.digest == plan.graph.digest
         assert again.stages == plan.stages and again.uploads == plan.uploads
         assert again.downloads == plan.downloads
-        wire = json.loads(json.dumps(plan.to_dict()))
-        assert [s["first"] for s in wire["stages"]] == [s.first for s in plan.stages]
+        wire = json.loads(json.dumps(plan.stage_schedule().to_wire()))  # what the server is sent
+        assert genie.graph.StageSchedule.from_wire(wire).check(plan.graph) is not None
     with pytest.raises(ValueError, match="key_by"):
         Scheduler(key_by="shape")
 

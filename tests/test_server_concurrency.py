@@ -44,7 +44,7 @@ async def test_16_concurrent_executes_on_one_connection(remote):
     for i in range(CLIENTS):
         torch.testing.assert_close(results[i], fn(inputs[i]))
     assert remote.stats.extra["connections"] == 1
-    assert remote.stats.plan_cache_hits >= CLIENTS  # one registration, the rest fill its template
+    assert remote.stats.template_hits >= CLIENTS  # one registration, the rest fill its template
 
 
 async def test_16_clients_on_their_own_connections(server):
@@ -134,11 +134,11 @@ class Raw:
         return msg.buffers[0]
 
     def run(self, req_id: int, graph: Graph, inputs=(), *, fetch=(0,), keep=(), names=None) -> None:
-        fields = {"id": req_id, "plan": "graph", "inputs": len(inputs), "consts": [], "fetch": list(fetch),
+        fields = {"id": req_id, "graph": "bytes", "inputs": len(inputs), "consts": [], "fetch": list(fetch),
                   "keep": list(keep)}
         if names is not None:
             fields["names"] = list(names)
-        self.send(Message("run", fields, [graph.to_bytes(with_constants=False), *inputs]))
+        self.send(Message("run", fields, [graph.to_bytes(), *inputs]))
 
     def close(self) -> None:
         self.s.close()
@@ -292,8 +292,8 @@ def test_runs_writing_a_shared_constant_beside_readers_of_it_are_not_refused(raw
                    [Ref(11)])
     reader = Graph([node(0, CONST, d, outputs=[m]), node(1, "aten.sum.default", Ref(0), outputs=[meta()])],
                    [Ref(1)])
-    raw.send(Message("run", {"id": 1, "plan": "graph", "inputs": 0, "consts": [d], "fetch": [0], "keep": []},
-                     [reader.to_bytes(with_constants=False), w]))
+    raw.send(Message("run", {"id": 1, "graph": "bytes", "inputs": 0, "consts": [d], "fetch": [0], "keep": []},
+                     [reader.to_bytes(), w]))
     for i in range(2, 14, 2):
         raw.run(i, writer)
         raw.run(i + 1, reader)

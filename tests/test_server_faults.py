@@ -103,7 +103,7 @@ BAD = {
 def _run_frame(graph_bytes: bytes) -> bytes:
     p = Protocol("client")
     p.state = p.state.READY
-    return p.send_bytes(Message("run", {"id": 1, "plan": "graph", "inputs": 0, "consts": [], "fetch": [],
+    return p.send_bytes(Message("run", {"id": 1, "graph": "bytes", "inputs": 0, "consts": [], "fetch": [],
                                         "keep": []}, [graph_bytes]))
 
 
@@ -363,9 +363,9 @@ def test_constant_larger_than_the_max_frame_is_not_implemented():
 
 
 def test_big_uploads_show_a_progress_bar_on_a_terminal(server, monkeypatch, capsys):
-    from genie.runtime import _remote
+    from genie.runtime import _session
 
-    monkeypatch.setattr(_remote, "PROGRESS_MIN", 1 << 20)
+    monkeypatch.setattr(_session, "PROGRESS_MIN", 1 << 20)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     b = RemoteBackend(server.address, server.token)
     try:

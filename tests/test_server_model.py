@@ -83,7 +83,7 @@ def test_gpt2_greedy_decode_same_tokens_and_small_steps(remote):
     # the KV cache stayed on the server: from step 2 on, each step is one plan-cache hit and one
     # round trip, with the token fetched by .item() and a few hundred bytes each way
     for i, d in enumerate(per_step[2:], start=2):
-        assert d["plan_cache_hits"] == 1, (i, d)
+        assert d["template_hits"] == 1, (i, d)
         assert d["round_trips"] == 1, (i, d)
         assert d["bytes_sent"] + d["bytes_received"] <= 4096, (i, d)
         assert d["upload_bytes"] <= 64, (i, d)
@@ -106,7 +106,7 @@ def test_naive_mode_resends_weights_every_step(server):
         got = greedy(model.to(DEVICE), PROMPT, 4, DEVICE, on_step)
     assert got == want
     for d in per_step[1:]:
-        assert d["plan_cache_hits"] == 0
+        assert d["template_hits"] == 0
         # equal weights (LayerNorm ones, zero biases) share a digest, so a little less than all
         assert d["bytes_sent"] > 0.5 * weight_bytes
 

@@ -109,7 +109,7 @@ def test_the_server_caches_stage_schedules_under_the_plan_key(server, remote):
     graph = genie.trace(two_phase, x, big)
     plan = genie.semantic.run_scheduler().schedule(graph)  # the plan execute runs
     trio.run(genie.execute, graph, x, big)
-    assert plan.key in remote._session.plans
+    assert plan.key in remote._session.schedules
     s, p = _handshake(server)  # another connection, naming the schedule by key alone
     try:
         msg = _staged_run(plan.graph, plan.key, inputs=2, fetch=[0, 1])
@@ -139,9 +139,9 @@ def _handshake(server) -> tuple[socket.socket, Protocol]:
 
 
 def _staged_run(graph, schedule: dict | str, **extra) -> Message:
-    fields = {"id": 7, "plan": "graph", "inputs": 0, "consts": [], "fetch": [0], "keep": [],
+    fields = {"id": 7, "graph": "bytes", "inputs": 0, "consts": [], "fetch": [0], "keep": [],
               "stages": schedule, **extra}
-    return Message("run", fields, [graph.to_bytes(with_constants=False)])
+    return Message("run", fields, [graph.to_bytes()])
 
 
 def _reply(s: socket.socket, p: Protocol) -> Message:
@@ -182,7 +182,7 @@ def test_bad_or_unknown_stage_schedules_are_refused(server, remote, schedule, wh
         err = _reply(s, p)
         assert err.kind == "error" and (why in err["message"] or err["kind"] == why), err.fields
         if why == "missing":
-            assert err["plan"] == schedule  # the client re-sends that schedule and retries
+            assert err["schedule"] == schedule  # the client re-sends that schedule and retries
     finally:
         s.close()
     x = torch.randn(4, 4)

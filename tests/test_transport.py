@@ -36,9 +36,9 @@ def feed_all(p: Protocol, data: bytes, chunk: int | None = None) -> list[Message
     return out
 
 
-def run_message(*buffers) -> Message:
-    return Message("run", {"id": 7, "plan": "graph", "inputs": len(buffers) - 1, "consts": [],
-                           "fetch": [0], "keep": []}, list(buffers))
+def run_message(*buffers, **more) -> Message:
+    return Message("run", {"id": 7, "graph": "bytes", "inputs": len(buffers) - 1, "consts": [],
+                           "fetch": [0], "keep": [], **more}, list(buffers))
 
 
 TENSORS = [
@@ -163,7 +163,7 @@ def hdr(**fields) -> bytes:
 
 
 RUN = MESSAGES["run"].code
-GOOD_RUN = dict(id=1, plan="graph", inputs=0, consts=[], fetch=[], keep=[])
+GOOD_RUN = dict(id=1, graph="bytes", inputs=0, consts=[], fetch=[], keep=[])
 BAD_FRAMES = {
     "garbage": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
     "bad magic": frame(RUN, hdr(**GOOD_RUN, bufs=[]), magic=b"XX"),
@@ -175,6 +175,10 @@ BAD_FRAMES = {
     "missing field": frame(RUN, hdr(id=1, bufs=[])),
     "wrong field type": frame(RUN, hdr(**{**GOOD_RUN, "inputs": "3"}, bufs=[])),
     "bool is not int": frame(RUN, hdr(**{**GOOD_RUN, "id": True}, bufs=[])),
+    "optional field of wrong type": frame(RUN, hdr(**GOOD_RUN, slot="0", bufs=[])),
+    "list item of wrong type": frame(RUN, hdr(**GOOD_RUN, names=[1, 2.5], bufs=[])),
+    "malformed corrections": frame(RUN, hdr(**GOOD_RUN, fix=[[1], [2], [3]], bufs=[])),
+    "malformed string correction": frame(RUN, hdr(**GOOD_RUN, strs=[["0", "d"]], bufs=[])),
     "unknown dtype": frame(RUN, hdr(**GOOD_RUN, bufs=[["os.system", [1]]]), b"\0" * 8),
     "negative shape": frame(RUN, hdr(**GOOD_RUN, bufs=[["float32", [-1]]])),
     "sizes do not add up": frame(RUN, hdr(**GOOD_RUN, bufs=[["float32", [4]]]), b"\0" * 8),
@@ -234,8 +238,12 @@ def test_local_protocol_errors():
         c.send(Message("exec", {}))
     with pytest.raises(LocalProtocolError, match="reserved"):
         c.send(Message("free", {"handles": [], "bufs": []}))
-    with pytest.raises(LocalProtocolError, match="cannot be encoded"):
+    with pytest.raises(LocalProtocolError, match="'handles' must be list of int"):
         c.send(Message("free", {"handles": [object()]}))
+    with pytest.raises(LocalProtocolError, match="'names' must be list of int"):  # optional, declared
+        c.send(run_message(b"g", names=[1, "2"]))
+    with pytest.raises(LocalProtocolError, match="cannot be encoded"):  # undeclared: JSON's to refuse
+        c.send(Message("free", {"handles": [], "note": object()}))
     assert c.state is State.READY  # a refused send changes nothing
     (msg,) = feed_all(s, c.send_bytes(run_message(b"g", torch.zeros(4))))
     assert msg.kind == "run"

@@ -125,8 +125,8 @@ def test_an_upload_bigger_than_the_memory_limit_is_refused_at_its_header():
 def test_stalled_streamed_inputs_time_out_and_do_not_starve_an_honest_client():
     graph = genie.trace(lambda x: torch.relu(x) + 1, torch.randn(4, 4))
     sched = genie.schedule(graph).stage_schedule().to_wire()
-    run = Message("run", {"id": 7, "plan": "graph", "inputs": 0, "consts": [], "fetch": [0], "keep": [],
-                          "stages": sched, "stream": [0]}, [graph.to_bytes(with_constants=False)])
+    run = Message("run", {"id": 7, "graph": "bytes", "inputs": 0, "consts": [], "fetch": [0], "keep": [],
+                          "stages": sched, "stream": [0]}, [graph.to_bytes()])
     with serving("--stream-timeout", "4") as srv:
         stalled = []
         try:
@@ -196,7 +196,7 @@ def test_a_huge_graph_is_refused_without_stalling_other_clients(server):
     with Pinger(server) as pinger:
         s, p = handshake(server)
         try:
-            msg = Message("run", {"id": 3, "plan": "graph", "inputs": 0, "consts": [], "fetch": [0],
+            msg = Message("run", {"id": 3, "graph": "bytes", "inputs": 0, "consts": [], "fetch": [0],
                                   "keep": []}, [_many_nodes(1_000_000)])
             s.sendall(p.send_bytes(msg))
             err = reply(s, p, timeout=60)

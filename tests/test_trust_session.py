@@ -31,6 +31,7 @@ from genie.transport import (
     CLIENT,
     ERROR_KINDS,
     SERVER,
+    VERSION,
     Message,
     MissingOnServerError,
     Protocol,
@@ -330,7 +331,7 @@ def test_every_error_kind_round_trips_through_the_wire(exc, typ):
     if isinstance(exc, UnsupportedOpError):
         assert got.op == "aten.from_file.default"
     if isinstance(exc, MissingOnServerError):
-        assert (got.digests, got.plan) == (["d1", "d2"], "plankey")
+        assert (got.digests, got.schedule) == (["d1", "d2"], "plankey")
     if isinstance(exc, ValueError):
         assert "ValueError: boom" in str(got) and "ValueError" in got.remote_traceback
 
@@ -345,9 +346,9 @@ def test_error_kinds_are_one_table():
 
 def _greeted() -> tuple[Protocol, Protocol]:
     server, client = Protocol(SERVER), Protocol(CLIENT)
-    server.receive_data(client.send_bytes(Message("hello", {"version": 1, "token": ""})))
+    server.receive_data(client.send_bytes(Message("hello", {"version": VERSION, "token": ""})))
     server.next_event()
-    client.receive_data(server.send_bytes(Message("welcome", {"version": 1, "device": "cpu",
+    client.receive_data(server.send_bytes(Message("welcome", {"version": VERSION, "device": "cpu",
                                                               "max_frame": 1 << 20})))
     client.next_event()
     return server, client

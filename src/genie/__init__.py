@@ -16,7 +16,7 @@ from genie._setup import setup as _setup
 from genie._setup import stats
 from genie.graph import Graph
 from genie.lazy import LazyTensor, capture, compile, execute, fetch, get_graph, trace
-from genie.runtime._remote import connect
+from genie.runtime import connect
 from genie.semantic import (
     ExecutionPlan,
     PatternRegistry,

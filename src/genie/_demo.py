@@ -91,7 +91,7 @@ def main() -> int:
     sent = [b.get("bytes_sent", 0) - a.get("bytes_sent", 0) for a, b in zip(marks, marks[1:], strict=False)]
     if any(sent):
         _row("bytes sent per decode step (steady)", f"{sorted(sent)[len(sent) // 2]} B (median)")
-    for key in ("round_trips", "uploads", "uploads_skipped", "plan_cache_hits", "shape_cache_hits"):
+    for key in ("round_trips", "uploads", "uploads_skipped", "template_hits", "shape_cache_hits"):
         if key in after:
             _row(key.replace("_", " "), after[key] - before.get(key, 0) if key != "shape_cache_hits"
                  else after[key])

@@ -1,4 +1,4 @@
-"""Runs an ExecutionPlan in this process, by the executor's one path (``server._session.execute``).
+"""Runs an ExecutionPlan in this process, by the executor's one path (``server.run_graph``).
 
 The reference for how an executor consumes a plan, without a wire (``genie serve`` runs the same
 path, fed by the network). Synchronous; call it from a worker thread.
@@ -6,7 +6,7 @@ path, fed by the network). Synchronous; call it from a worker thread.
 Call tree::
 
     run_plan(plan, inputs, device=..., wait_input=..., on_output=...)
-      server._session.execute(plan.graph, schedule=plan.stage_schedule(), meter=True)
+      server.run_graph(plan.graph, schedule=plan.stage_schedule(), meter=True)
         private_constants(...)   constants the program writes: its own copies, never the caller's
         StagedInterpreter.run(inputs)
           get_input(pos)      -> wait_input(pos), then inputs[pos]: the upload may still be arriving
@@ -23,7 +23,7 @@ import torch
 
 from genie._profile import record_timeline
 from genie.semantic import ExecutionPlan
-from genie.server import execute
+from genie.server import run_graph
 
 
 @dataclass
@@ -51,7 +51,7 @@ def run_plan(plan: ExecutionPlan, inputs: Sequence[torch.Tensor], *, device: str
         return inputs[pos]
 
     kept = {i for s in plan.stages for i in s.keep_outputs}
-    outputs, tl = execute(
+    outputs, tl = run_graph(
         plan.graph, inputs, device=torch.device(device),
         constants=plan.graph.constants if constants is None else constants, residents=residents,
         schedule=plan.stage_schedule(), get_input=get_input, on_output=on_output,

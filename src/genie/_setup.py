@@ -14,7 +14,7 @@ def _default_backend() -> Backend:
 
     if os.environ.get("GENIE_SERVER", "").strip() == "inprocess":  # debug: no server, no wire
         return LocalBackend("cpu")
-    from genie.runtime._remote import backend_from_env  # GENIE_SERVER=host:port, or embedded
+    from genie.runtime import backend_from_env  # GENIE_SERVER=host:port, or embedded
 
     return backend_from_env()
 

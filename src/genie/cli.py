@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
-from genie.transport._limits import LIMITS
+from genie.transport import LIMITS
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -68,7 +68,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from genie.server._serve import Config, ConfigError, run_server
+    from genie.server import Config, ConfigError, run_server
     from genie.transport import Limits
 
     if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):

@@ -8,7 +8,7 @@ that others read) can be derived without re-running anything.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Any
@@ -107,12 +107,6 @@ def _fmt(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_fmt(x) for x in v) + "]"
     return repr(v)
-
-
-def _iter_refs(values: tuple | list) -> Iterator[Ref]:
-    out: list[Ref] = []
-    _collect_refs(values, out)
-    return iter(out)
 
 
 def _collect_refs(values: Iterable, out: list[Ref]) -> None:
@@ -229,14 +223,6 @@ class Graph:
             deps.append(frozenset(d))
         return deps
 
-    def mutation_edges(self) -> list[tuple[int, int]]:
-        """(before, after) pairs that order nodes through a shared storage, not a data edge."""
-        edges = []
-        for n in self.nodes:
-            data = {r.node for r in n.refs()}
-            edges.extend((d, n.id) for d in sorted(self.dependencies[n.id] - data))
-        return edges
-
     def check_inputs(self, inputs) -> None:
         """Raise TypeError unless ``inputs`` match the captured inputs' dtypes and shapes."""
         if len(inputs) != len(self.inputs):
@@ -261,10 +247,11 @@ class Graph:
 
         return hashlib.blake2b(encode_structure(self), digest_size=16).hexdigest()
 
-    def to_bytes(self, *, with_constants: bool = True) -> bytes:
+    def to_bytes(self) -> bytes:
+        """The wire form (``graph._wire``): structure and sizes; constants travel on their own."""
         from genie.graph._wire import graph_to_bytes
 
-        return graph_to_bytes(self, with_constants=with_constants)
+        return graph_to_bytes(self)
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview) -> Graph:

@@ -21,18 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import struct
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from genie._errors import ProtocolError
-from genie.graph._ir import CONST, Graph, Node, Ref
-from genie.graph._wire import MAGIC, decode_meta, decode_value, encode_value
+from genie.graph._ir import Graph, Node, Ref
+from genie.graph._wire import NodeWriter, frame_header, node_from_record
 
-_INT = "\x00genie:int\x00"
-_STR = "\x00genie:str\x00"
 _HOLE = re.compile(r'"\\u0000genie:(int|str)\\u0000"')
 
 
@@ -42,91 +38,6 @@ class Split:
     digest: str
     ints: np.ndarray  # int64
     strs: list[str]
-
-
-def _abstract(v, ints: list[int]):
-    """The wire encoding ``v`` with every int (not in a Ref) replaced by a hole."""
-    t = type(v)
-    if t is int:
-        ints.append(v)
-        return _INT
-    if t is list:
-        return [_abstract(x, ints) for x in v]
-    if t is dict:
-        if "r" in v and len(v) == 1:  # a Ref is wiring, not a size: it stays in the skeleton
-            return v
-        return {k: _abstract(x, ints) for k, x in v.items()}
-    return v
-
-
-_INT_HOLE = json.dumps(_INT)
-_STR_HOLE = json.dumps(_STR)
-_STRING = json.encoder.encode_basestring_ascii  # the C encoder json.dumps uses
-_LITERAL = {True: "true", False: "false", None: "null"}
-
-
-class _Emitter:
-    """Writes a graph's wire header as JSON text with holes, in one pass (a hot path: a decode step
-    splits a graph of ~1000 nodes; building the header as objects first cost 3x more)."""
-
-    def __init__(self) -> None:
-        self.out: list[str] = []
-        self.ints: list[int] = []
-        self.strs: list[str] = []
-
-    def value(self, v) -> None:
-        t, out = type(v), self.out
-        if t is Ref:
-            out.append(f'{{"r":[{v.node},{v.index}]}}')
-        elif t is int:
-            self.ints.append(v)
-            out.append(_INT_HOLE)
-        elif t is str:
-            out.append(_STRING(v))
-        elif t is bool or v is None:
-            out.append(_LITERAL[v])
-        elif t is list or t is tuple or t is torch.Size:
-            out.append("[")
-            for i, x in enumerate(v):
-                if i:
-                    out.append(",")
-                self.value(x)
-            out.append("]")
-        else:  # dtypes, devices, floats, ...: the wire's own encoding, ints abstracted the same way
-            out.append(json.dumps(_abstract(encode_value(v), self.ints), separators=(",", ":")))
-
-    def ints_list(self, xs) -> None:
-        self.ints.extend(xs)
-        self.out.append("[" + ",".join([_INT_HOLE] * len(xs)) + "]")
-
-    def node(self, n: Node) -> None:
-        out = self.out
-        out.append("[" + _STRING(n.op) + ",")
-        if n.op == CONST:
-            self.strs.append(n.args[0])
-            out.append("[" + _STR_HOLE + "]")
-        else:
-            self.value(n.args)
-        out.append(",{")
-        for i, (k, v) in enumerate(n.kwargs.items()):
-            out.append(("," if i else "") + _STRING(k) + ":")
-            self.value(v)
-        out.append("},[")
-        for i, m in enumerate(n.outputs):
-            out.append("," if i else "")
-            out.append("[")
-            self.ints_list(m.shape)
-            out.append(",")
-            self.ints_list(m.stride)
-            out.append(f',"{str(m.dtype).removeprefix("torch.")}",{_INT_HOLE}]')
-            self.ints.append(m.offset)
-        out.append("]," + _LITERAL[bool(n.multi)] + ",")
-        self.ints_list(n.storages)
-        out.append(",")
-        self.ints_list(n.writes)
-        out.append("," + _STRING(n.module) + ",")
-        self.value(n.seed)
-        out.append("]")
 
 
 def split(graph: Graph) -> Split | None:
@@ -149,14 +60,9 @@ def with_split(graph: Graph, parts: Split) -> Graph:
 
 
 def _split(graph: Graph) -> Split | None:
-    e = _Emitter()
-    e.out.append('{"nodes":[')
-    for i, n in enumerate(graph.nodes):
-        if i:
-            e.out.append(",")
-        e.node(n)
-    e.out.append('],"outputs":[' + ",".join(f"[{r.node},{r.index}]" for r in graph.outputs) + "]}")
-    skeleton = "".join(e.out)
+    e = NodeWriter()
+    e.graph(graph)
+    skeleton = e.text()
     try:
         ints = np.array(e.ints, dtype=np.int64)
     except OverflowError:
@@ -229,8 +135,7 @@ class Template:
         for kind, seg in zip(kinds, segs[1:], strict=True):
             out.append(str(next(values)) if kind == "int" else json.dumps(next(texts)))
             out.append(seg)
-        head = "".join(out).encode()
-        return Graph.from_bytes(MAGIC + struct.pack("<I", len(head)) + head)
+        return Graph.from_bytes(frame_header("".join(out).encode()))
 
     def _node(self, i: int, ints: list[int], strs: list[str]) -> Node:
         """Node ``i`` alone; its wiring comes from the skeleton, which the first fill checked."""
@@ -245,13 +150,8 @@ class Template:
                 out.append(json.dumps(strs[si]))
                 si += 1
             out.append(seg)
-        try:  # as graph_from_bytes builds a node (a test checks both ways agree)
-            op, args, kwargs, outs, multi, storages, writes, *rest = json.loads("".join(out))
-            module, seed = rest if rest else ("", None)
-            return Node(i, str(op), tuple(decode_value(args)),
-                        {k: decode_value(v) for k, v in kwargs.items()},
-                        tuple(decode_meta(m) for m in outs), bool(multi), tuple(storages),
-                        tuple(writes), module, seed)
+        try:
+            return node_from_record(i, json.loads("".join(out)))
         except ProtocolError:
             raise
         except (ValueError, KeyError, TypeError, IndexError) as e:
@@ -269,15 +169,15 @@ def small_corrections(actual: list[int], last: list[int], prev: list[int]) -> tu
     return idx, [actual[i] for i in idx]
 
 
-def fix_lists(fix: object, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """A run header's ``fix`` ([positions, values], each a list of ints) as ``apply``'s arrays;
-    ProtocolError unless well formed (positions are range-checked by ``apply``)."""
-    if not (isinstance(fix, list) and len(fix) == 2 and isinstance(fix[0], list)
-            and isinstance(fix[1], list) and len(fix[0]) == len(fix[1]) <= min(n, SMALL_FIX)
-            and all(type(v) is int for v in fix[0]) and all(type(v) is int for v in fix[1])):
+def fix_lists(fix: list[list[int]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A run header's ``fix`` ([positions, values], lists of ints: the protocol checked that much) as
+    ``apply``'s arrays, for a vector of ``n``; ProtocolError unless their lengths fit (positions are
+    range-checked by ``apply``)."""
+    positions, values = fix
+    if not len(positions) == len(values) <= min(n, SMALL_FIX):
         raise ProtocolError("run message: bad corrections")
     try:
-        return np.array(fix[0], dtype=np.int64), np.array(fix[1], dtype=np.int64)
+        return np.array(positions, dtype=np.int64), np.array(values, dtype=np.int64)
     except OverflowError:
         raise ProtocolError("run message: a correction does not fit in int64") from None
 

@@ -1,8 +1,16 @@
-"""Graph wire form: a JSON header then raw constant buffers. No pickle.
+"""Graph wire form: one JSON header, no constants (they travel as transport buffers). No pickle.
 
-Layout: ``b"GNG1" | u32 header length | header (UTF-8 JSON) | constant bytes, back to back``.
-Values that JSON has no word for are tagged one-key objects: ``{"r": [node, index]}`` for a Ref,
-``{"dt": "float32"}``, ``{"dev": "cpu"}``, ``{"mf": ...}``, ``{"ly": ...}``, ``{"c": [re, im]}``.
+Layout: ``b"GNG1" | u32 header length | header (UTF-8 JSON)``; the header is
+``{"nodes": [record, ...], "outputs": [[node, index], ...]}`` and a node record is::
+
+    [op, args, kwargs, outputs, multi, storages, writes, module, seed]
+
+with each output ``[shape, stride, dtype, offset]``. Values that JSON has no word for are tagged
+one-key objects: ``{"r": [node, index]}`` for a Ref, ``{"dt": "float32"}``, ``{"dev": "cpu"}``,
+``{"mf": ...}``, ``{"ly": ...}``, ``{"c": [re, im]}``, ``{"d": {...}}``.
+
+One codec: ``NodeWriter`` writes records (as plain text, or with a hole for every int that is not a
+Ref and every constant's digest: ``graph._template``'s skeletons), and ``node_from_record`` reads one.
 """
 
 from __future__ import annotations
@@ -13,10 +21,10 @@ from typing import Any
 
 import torch
 
+from genie._dtypes import DTYPE_NAMES, DTYPES
 from genie._errors import LocalProtocolError, ProtocolError
-from genie.graph._ir import Graph, Node, Ref, TensorMeta
+from genie.graph._ir import CONST, Graph, Node, Ref, TensorMeta
 from genie.graph._ops import check_op
-from genie.transport._tensors import DTYPES
 
 MAGIC = b"GNG1"
 _ENUM_TAG = {torch.dtype: "dt", torch.memory_format: "mf", torch.layout: "ly"}
@@ -92,37 +100,157 @@ def decode_meta(x: list) -> TensorMeta:
     return TensorMeta(tuple(shape), tuple(stride), dt, offset)
 
 
-def _node_record(n: Node, *, for_digest: bool) -> list:
-    rec = [n.op, encode_value(n.args), {k: encode_value(v) for k, v in n.kwargs.items()},
-           [encode_meta(m) for m in n.outputs], n.multi, list(n.storages), list(n.writes)]
-    if not for_digest:  # where it came from and its seed do not change what it computes
-        rec += [n.module, n.seed]
-    return rec
+INT_HOLE = json.dumps("\x00genie:int\x00")
+STR_HOLE = json.dumps("\x00genie:str\x00")
+_STRING = json.encoder.encode_basestring_ascii  # the C encoder json.dumps uses
+_LITERAL = {True: "true", False: "false", None: "null"}
 
 
-def _header(g: Graph, *, for_digest: bool) -> dict:
-    return {
-        "nodes": [_node_record(n, for_digest=for_digest) for n in g.nodes],
-        "outputs": [[r.node, r.index] for r in g.outputs],
-    }
+def _abstract(v: Any, ints: list[int]) -> Any:
+    """The wire encoding ``v`` with every int (not in a Ref) replaced by a hole."""
+    t = type(v)
+    if t is int:
+        ints.append(v)
+        return json.loads(INT_HOLE)
+    if t is list:
+        return [_abstract(x, ints) for x in v]
+    if t is dict:
+        if "r" in v and len(v) == 1:  # a Ref is wiring, not a size: it stays in the skeleton
+            return v
+        return {k: _abstract(x, ints) for k, x in v.items()}
+    return v
+
+
+class NodeWriter:
+    """Writes node records as compact JSON text, in one pass (a hot path: a decode step writes a
+    graph of ~1000 nodes; building the records as objects first cost 3x more).
+
+    With ``holes``, every int that does not name a Ref (sizes, strides, storage ids, seeds) and
+    every constant's digest is written as a hole, its value appended to ``ints`` or ``strs``: the
+    text is then a template's skeleton. ``provenance=False`` leaves out what does not change what a
+    node computes (its module path and seed): the text a structural digest is taken of."""
+
+    def __init__(self, *, holes: bool = True, provenance: bool = True) -> None:
+        self.out: list[str] = []
+        self.ints: list[int] = []
+        self.strs: list[str] = []
+        self.holes = holes
+        self.provenance = provenance
+
+    def text(self) -> str:
+        return "".join(self.out)
+
+    def int(self, v: int) -> None:
+        if self.holes:
+            self.ints.append(v)
+            self.out.append(INT_HOLE)
+        else:
+            self.out.append(str(v))
+
+    def ints_list(self, xs) -> None:
+        if self.holes:
+            self.ints.extend(xs)
+            self.out.append("[" + ",".join([INT_HOLE] * len(xs)) + "]")
+        else:
+            self.out.append("[" + ",".join(map(str, xs)) + "]")
+
+    def value(self, v: Any) -> None:
+        t, out = type(v), self.out
+        if t is Ref:
+            out.append(f'{{"r":[{v.node},{v.index}]}}')
+        elif t is int:
+            self.int(v)
+        elif t is str:
+            out.append(_STRING(v))
+        elif t is bool or v is None:
+            out.append(_LITERAL[v])
+        elif t is list or t is tuple or t is torch.Size:
+            out.append("[")
+            for i, x in enumerate(v):
+                if i:
+                    out.append(",")
+                self.value(x)
+            out.append("]")
+        else:  # dtypes, devices, floats, ...: the wire's own encoding, ints abstracted the same way
+            enc = encode_value(v)
+            if self.holes:
+                enc = _abstract(enc, self.ints)
+            out.append(json.dumps(enc, separators=(",", ":")))
+
+    def node(self, n: Node) -> None:
+        out = self.out
+        out.append("[" + _STRING(n.op) + ",")
+        if n.op == CONST and self.holes:
+            self.strs.append(n.args[0])
+            out.append("[" + STR_HOLE + "]")
+        else:
+            self.value(n.args)
+        out.append(",{")
+        for i, (k, v) in enumerate(n.kwargs.items()):
+            out.append(("," if i else "") + _STRING(k) + ":")
+            self.value(v)
+        out.append("},[")
+        for i, m in enumerate(n.outputs):
+            out.append(",[" if i else "[")
+            self.ints_list(m.shape)
+            out.append(",")
+            self.ints_list(m.stride)
+            name = DTYPE_NAMES.get(m.dtype)
+            if name is None:
+                raise LocalProtocolError(f"{m.dtype} cannot go in a genie graph: only plain dtypes "
+                                         "have a wire form")
+            out.append(f',"{name}",')
+            self.int(m.offset)
+            out.append("]")
+        out.append("]," + _LITERAL[bool(n.multi)] + ",")
+        self.ints_list(n.storages)
+        out.append(",")
+        self.ints_list(n.writes)
+        if self.provenance:
+            out.append("," + _STRING(n.module) + ",")
+            self.value(n.seed)
+        out.append("]")
+
+    def graph(self, g: Graph) -> None:
+        """``g``'s whole header: its nodes, then its outputs."""
+        out = self.out
+        out.append('{"nodes":[')
+        for i, n in enumerate(g.nodes):
+            if i:
+                out.append(",")
+            self.node(n)
+        out.append(outputs_tail(g.outputs))
+
+
+def outputs_tail(outputs: list[Ref]) -> str:
+    """The header's text after the last node record."""
+    return '],"outputs":[' + ",".join(f"[{r.node},{r.index}]" for r in outputs) + "]}"
+
+
+def node_from_record(i: int, rec: Any) -> Node:
+    """Node ``i`` from its decoded JSON record; TypeError, ValueError or ProtocolError if malformed."""
+    op, args, kwargs, outs, multi, storages, writes, *rest = rec
+    module, seed = rest if rest else ("", None)
+    return Node(i, str(op), tuple(decode_value(args)), {k: decode_value(v) for k, v in kwargs.items()},
+                tuple(decode_meta(m) for m in outs), bool(multi), tuple(storages), tuple(writes),
+                module, seed)
 
 
 def encode_structure(g: Graph) -> bytes:
-    return json.dumps(_header(g, for_digest=True), separators=(",", ":")).encode()
+    """The text a graph's structural digest is taken of (no module paths, no seeds)."""
+    w = NodeWriter(holes=False, provenance=False)
+    w.graph(g)
+    return w.text().encode()
 
 
-def graph_to_bytes(g: Graph, *, with_constants: bool = True) -> bytes:
-    header = _header(g, for_digest=False)
-    blobs: list[bytes] = []
-    if with_constants:
-        consts = []
-        for digest, t in g.constants.items():
-            data = t.detach().contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
-            consts.append([digest, encode_meta(TensorMeta(tuple(t.shape), (), t.dtype)), len(data)])
-            blobs.append(data)
-        header["constants"] = consts
-    head = json.dumps(header, separators=(",", ":")).encode()
-    return b"".join([MAGIC, struct.pack("<I", len(head)), head, *blobs])
+def graph_to_bytes(g: Graph) -> bytes:
+    w = NodeWriter(holes=False)
+    w.graph(g)
+    return frame_header(w.text().encode())
+
+
+def frame_header(head: bytes) -> bytes:
+    return MAGIC + struct.pack("<I", len(head)) + head
 
 
 def graph_from_bytes(data: bytes | memoryview, *, max_nodes: int | None = None) -> Graph:
@@ -132,32 +260,15 @@ def graph_from_bytes(data: bytes | memoryview, *, max_nodes: int | None = None) 
     if bytes(data[:4]) != MAGIC or len(data) < 8:
         raise ProtocolError("not a genie graph: bad magic")
     (hlen,) = struct.unpack("<I", data[4:8])
-    if 8 + hlen > len(data):
-        raise ProtocolError("genie graph truncated in its header")
+    if 8 + hlen != len(data):
+        raise ProtocolError(f"genie graph of {len(data)} bytes with a header of {hlen}")
     try:
-        header = json.loads(bytes(data[8 : 8 + hlen]))
+        header = json.loads(bytes(data[8:]))
         records = header["nodes"]
         if max_nodes is not None and len(records) > max_nodes:
             raise ProtocolError(f"genie graph of {len(records)} nodes: this server takes at most {max_nodes}")
-        nodes = []
-        for i, rec in enumerate(records):
-            op, args, kwargs, outs, multi, storages, writes, *rest = rec
-            module, seed = rest if rest else ("", None)
-            nodes.append(Node(i, str(op), tuple(decode_value(args)),
-                              {k: decode_value(v) for k, v in kwargs.items()},
-                              tuple(decode_meta(m) for m in outs), bool(multi), tuple(storages),
-                              tuple(writes), module, seed))
+        nodes = [node_from_record(i, rec) for i, rec in enumerate(records)]
         outputs = [Ref(int(n), int(i)) for n, i in header["outputs"]]
-        constants = {}
-        pos = 8 + hlen
-        for digest, meta, nbytes in header.get("constants", []):
-            m = decode_meta(meta)
-            if pos + nbytes > len(data):
-                raise ProtocolError("genie graph truncated in its constants")
-            buf = bytearray(data[pos : pos + nbytes])
-            constants[digest] = torch.frombuffer(buf, dtype=torch.uint8).view(m.dtype).reshape(m.shape) \
-                if nbytes else torch.empty(m.shape, dtype=m.dtype)
-            pos += nbytes
     except ProtocolError:
         raise
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError, OverflowError) as e:
@@ -168,4 +279,4 @@ def graph_from_bytes(data: bytes | memoryview, *, max_nodes: int | None = None) 
         for r in n.refs():
             if not (0 <= r.node < n.id) or r.index >= len(nodes[r.node].outputs):
                 raise ProtocolError(f"node {n.id} refers to {r!r}, which does not precede it")
-    return Graph(nodes, outputs, constants)
+    return Graph(nodes, outputs)

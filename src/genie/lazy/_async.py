@@ -16,9 +16,7 @@ from genie.graph import CONST, INPUT, RESIDENT, Graph, Ref
 from genie.lazy._device import DEVICE_TYPE
 from genie.lazy._lazy import LazyTensor, current_recorder
 from genie.lazy._recorder import FAILED
-from genie.runtime import backend
-from genie.runtime._execute import execute as _execute_graph
-from genie.runtime._execute import submit_graph
+from genie.runtime import backend, execute_graph, submit_graph
 
 
 async def fetch(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -74,7 +72,7 @@ async def execute(graph: Graph, *inputs: torch.Tensor, fetch: bool = True) -> li
             _resident(t)
         graph, inputs = _bind_remote(graph, inputs, remote)
     if fetch:
-        return await _execute_graph(graph, *inputs)
+        return await execute_graph(graph, *inputs)
     handles, metas = submit_graph(graph, *inputs)
     rec, device = current_recorder(), torch.device(f"{DEVICE_TYPE}:0")
     return [LazyTensor(rec, rec.resident_node(h, m, rec.new_id()), 0, m, device)

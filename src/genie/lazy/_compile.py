@@ -36,8 +36,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from genie.graph import CONST, RESIDENT, Graph, Node, Ref, TensorMeta, content_digest
-from genie.graph._template import Split, split, with_split
+from genie.graph import (
+    CONST,
+    RESIDENT,
+    Graph,
+    Node,
+    Ref,
+    Split,
+    TensorMeta,
+    content_digest,
+    split,
+    with_split,
+)
 from genie.lazy._guard import Unwalkable, Walk
 from genie.lazy._lazy import RNG, LazyTensor, current_recorder
 from genie.lazy._recorder import FAILED, Recorder

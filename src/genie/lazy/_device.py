@@ -14,8 +14,7 @@ import types
 import torch
 
 from genie._errors import UnsupportedOpError
-from genie.graph import Node, TensorMeta
-from genie.graph._ops import op_name, overload, registry
+from genie.graph import Node, TensorMeta, op_name, overload, registry
 from genie.lazy import _lazy
 from genie.lazy._lazy import _NUMBERS, RNG, copy_into, current_recorder, module_path, wrap
 from genie.lazy._meta import SHAPES, op_info

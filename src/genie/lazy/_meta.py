@@ -15,8 +15,7 @@ from functools import cache
 
 import torch
 
-from genie.graph import TensorMeta
-from genie.graph._ops import op_name
+from genie.graph import TensorMeta, op_name
 
 
 @dataclass(frozen=True, slots=True)

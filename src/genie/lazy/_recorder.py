@@ -28,6 +28,7 @@ from genie.graph import (
     INPUT,
     RESIDENT,
     UNDECLARED_ALIASES,
+    UNDECLARED_WRITES,
     Graph,
     Node,
     Ref,
@@ -36,12 +37,10 @@ from genie.graph import (
     map_refs,
     undeclared_writes,
 )
-from genie.graph._alias import UNDECLARED_WRITES as _UNDECLARED_WRITES
-from genie.runtime import RunResult, backend
-from genie.semantic import run_scheduler
+from genie.runtime import RunResult, backend, planned_for_flush
 
 FAILED = "genie.failed"  # a value lost with a run that failed; never sent
-_UNSAID = frozenset(UNDECLARED_ALIASES) | frozenset(_UNDECLARED_WRITES)
+_UNSAID = frozenset(UNDECLARED_ALIASES) | frozenset(UNDECLARED_WRITES)
 
 if TYPE_CHECKING:
     from genie.lazy._lazy import LazyTensor
@@ -184,7 +183,7 @@ class Recorder:
                     raise GenieError(t._node.args[0])
             graph, inputs = build_graph(self.pending, nodes, roots, self.input_tensors, held=held)
             pos = {r: i for i, r in enumerate(roots)}
-            graph, run = _planned(graph)  # the plan's graph keeps the outputs: fetch/keep hold
+            graph, run = planned_for_flush(graph)  # the plan's graph keeps the outputs: fetch/keep hold
             run.update(fetch=[pos[r] for r in fetch_refs], keep=[pos[r] for r in keep_refs],
                        constants=self._constants_of(graph))
             try:
@@ -292,20 +291,6 @@ def _submitted(graph: Graph, inputs: list[torch.Tensor], run: dict) -> RunResult
     handles = backend().submit(graph, inputs, keep=keep, constants=run["constants"],
                                stages=run.get("stages"), stream=run.get("stream", ()))
     return RunResult([], handles, [graph.meta(graph.outputs[p]) for p in keep])
-
-
-def _planned(graph: Graph) -> tuple[Graph, dict]:
-    """What a flush runs: the scheduled plan of ``graph`` (fused attention and conv-bn-act, stages,
-    streamed inputs), from the structure-keyed plan cache, so a decode step whose sizes grew reuses
-    the last step's plan without analysis. A plan that changes nothing runs ``graph`` as it is,
-    unstaged: a tiny op's round trip pays no staging. So does a flush for an op whose output shape
-    depends on data (its metadata is learnt from this run; nothing can be planned around it)."""
-    if any(not graph.nodes[r.node].outputs for r in graph.outputs):
-        return graph, {}
-    plan = run_scheduler().schedule(graph)
-    if not plan.fusion_groups and len(plan.stages) <= 1 and not plan.stream:
-        return graph, {}
-    return plan.graph, {"stages": plan.stage_schedule(), "stream": plan.stream}
 
 
 def _rewrite_origins(n: Node, origin: dict[int, Ref]) -> Node:

@@ -33,7 +33,7 @@ class Stats:
     runs: int = 0
     uploads: int = 0
     uploads_skipped: int = 0
-    plan_cache_hits: int = 0
+    template_hits: int = 0
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:

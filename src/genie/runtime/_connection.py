@@ -130,8 +130,7 @@ class Connection:
         self.proto = proto
         self.device = welcome["device"]
         self.max_frame = welcome["max_frame"]
-        pid = welcome.get("pid")  # the server process, for genie.profile()'s Chrome trace
-        self.server_pid: int | None = pid if type(pid) is int else None
+        self.server_pid: int | None = welcome.get("pid")  # for genie.profile()'s Chrome trace
         self.address = address
         self.stats = stats
         self.closed = False
@@ -192,7 +191,7 @@ class Connection:
         stats.bytes_received += proto.bytes_received
         stats.round_trips += 1
         clock = reply.get("clock")  # the server's clock at welcome: roughly mid-way through the hello
-        offset = clock - (asked + answered) // 2 if type(clock) is int else 0
+        offset = clock - (asked + answered) // 2 if clock is not None else 0
         return cls(stream, proto, reply, stats, address, offset)
 
     # -- running --------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Run a whole graph by its plan: ``execute`` (CPU tensors back) and ``submit_graph`` (values kept)."""
+"""Graphs by their plans: ``execute_graph`` (CPU tensors back), ``submit_graph`` (values kept), and
+``planned_for_flush`` (what device mode's flush runs). The recorder hands its graphs here; this is
+where they meet the scheduler."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from genie.runtime._backend import backend
 from genie.semantic import run_scheduler
 
 
-async def execute(graph: Graph, *inputs: torch.Tensor) -> list[torch.Tensor]:
+async def execute_graph(graph: Graph, *inputs: torch.Tensor) -> list[torch.Tensor]:
     """Run ``graph`` on the current backend with host ``inputs`` bound in order; returns CPU tensors.
     Awaitable from trio or asyncio (the backend's bridge tells them apart).
 
@@ -42,6 +44,20 @@ def submit_graph(graph: Graph, *inputs: torch.Tensor) -> tuple[list[int], list[T
     handles = backend().submit(run, _on_host(inputs), keep=range(len(run.outputs)), constants=run.constants,
                                stages=plan.stage_schedule(), stream=plan.stream)
     return handles, [run.meta(r) for r in run.outputs]
+
+
+def planned_for_flush(graph: Graph) -> tuple[Graph, dict]:
+    """What a flush runs: the scheduled plan of ``graph`` (fused attention and conv-bn-act, stages,
+    streamed inputs), from the structure-keyed plan cache, so a decode step whose sizes grew reuses
+    the last step's plan without analysis. A plan that changes nothing runs ``graph`` as it is,
+    unstaged: a tiny op's round trip pays no staging. So does a flush for an op whose output shape
+    depends on data (its metadata is learnt from this run; nothing can be planned around it)."""
+    if any(not graph.nodes[r.node].outputs for r in graph.outputs):
+        return graph, {}
+    plan = run_scheduler().schedule(graph)
+    if not plan.fusion_groups and len(plan.stages) <= 1 and not plan.stream:
+        return graph, {}
+    return plan.graph, {"stages": plan.stage_schedule(), "stream": plan.stream}
 
 
 def _on_host(inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:

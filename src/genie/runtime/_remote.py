@@ -1,11 +1,13 @@
-"""RemoteBackend: the Backend protocol spoken to a ``genie serve`` process.
+"""RemoteBackend: the Backend protocol spoken to a ``genie serve`` process, from any thread.
 
-Call tree::
+What goes on the wire for one run is the ``Session``'s (``_session``); this is when: runs posted in
+the order they were made, from the caller's thread through the bridge loop, retried after an
+eviction, and connections (re)made. Call tree::
 
     RemoteBackend.run(graph, inputs, fetch=, keep=, constants=)      sync: Bridge.call_back
       _start_run(...)        in the bridge loop, no checkpoint: connected, every big constant on
-                             the server and no earlier run still on its way out -> _post_run at
-                             once; the reader builds the result (_result) and wakes the caller;
+                             the server and no earlier run still on its way out -> post_run at
+                             once; the reader builds the result (Session.result) and wakes the caller;
                              else (or a constant evicted) _run
     RemoteBackend.submit(graph, inputs, keep=, constants=) -> handles    sync, returns at once:
       _start_submit(...)     the same in the bridge, nobody waits: the reply is checked as it
@@ -15,16 +17,12 @@ Call tree::
     await RemoteBackend.run_async(...)                               any trio loop: same, multiplexed
       _run(...)                                        in the bridge loop
         _connect()           first use, or after a loss: a new connection and a new Session
-        _ensure_constants()  has -> upload what the server lacks (a progress bar past 64 MiB)
-        _post_run()          (holding the session's post order, so runs reach the server in the
-                             order they were made: a run may read the handles an earlier one names)
-                             plan: the whole graph, or a template slot plus corrections; its stage
-                             schedule (whole the first time on a connection, then its plan key);
-                             inputs; constants the server may lack, inline when tiny; then each
-                             streamed input in its own ``input`` frame
-        wait                 -> RunResult (early ``part`` outputs in place, the server's timeline
-                             on this clock); server errors raise their Genie exception; constants
-                             or a schedule evicted meanwhile -> send again and retry
+        sess.ensure_constants()   has -> upload what the server lacks
+        sess.post_run()      (holding the post order, so runs reach the server in the order they
+                             were made: a run may read the handles an earlier one names)
+        wait                 -> sess.result(): a RunResult; server errors raise their Genie
+                             exception; constants or a schedule evicted meanwhile -> send again
+                             and retry
     free(handle)             any thread (finalizers): one hop into the loop per batch; they ride
                              on the next run, or go alone after the connection's FREE_DELAY
 
@@ -54,7 +52,6 @@ import atexit
 import itertools
 import os
 import random
-import sys
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -64,21 +61,18 @@ import torch
 import trio
 
 from genie._errors import ConnectionLostError, GenieError, RemoteMemoryError, RemoteProtocolError
-from genie.graph import CONST, Graph, StageSchedule
-from genie.graph._template import SMALL_FIX, corrections, predict, small_corrections, split
-from genie.graph._wire import decode_meta
+from genie.graph import (
+    Graph,
+    StageSchedule,
+)
 from genie.runtime import _backend
 from genie.runtime._backend import RunResult, Stats
 from genie.runtime._bridge import Bridge
-from genie.runtime._connection import TLS, Connection, Waiter, tls_context, tls_from_env
+from genie.runtime._connection import TLS, Connection, tls_context, tls_from_env
 from genie.runtime._embedded import EmbeddedServer
-from genie.runtime._session import Session, Slot, reads_of
-from genie.transport import LIMITS, Message, MissingOnServerError
+from genie.runtime._session import Session, constant_data, reads_of
+from genie.transport import Message, MissingOnServerError
 
-INLINE_MAX = 128  # constants this small ride along with the run instead of a has round trip
-UPLOAD_FRAME = 64 << 20
-PROGRESS_MIN = 64 << 20
-MAX_BUFFERS: int = LIMITS["max_buffers"].default  # type: ignore[assignment]  # per frame, by default
 CONNECT_TIMEOUT = 30.0
 RETRIES = 3
 _OPEN: weakref.WeakSet[RemoteBackend] = weakref.WeakSet()
@@ -95,18 +89,6 @@ def parse_address(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise ValueError(f"genie server address must be host:port, not {address!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def _wire_tensor(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    if t.device.type == "remote_accelerator":  # materializing it would block this very loop
-        raise TypeError("a run's inputs must be host tensors, not remote_accelerator ones "
-                        "(genie.execute brings those to the host itself)")
-    return t if t.device.type == "cpu" else t.cpu()
 
 
 class RemoteBackend:
@@ -193,7 +175,7 @@ class RemoteBackend:
         self.bridge().call(self._connect)
 
     def server_stats(self) -> dict:
-        """The server's own counters (constants held, evictions, plan-cache hits, ...)."""
+        """The server's own counters (constants held, evictions, template hits, ...)."""
         async def ask() -> dict:
             sess = await self._connect()
             return (await sess.conn.request(Message("stats", {})))["stats"]
@@ -279,20 +261,20 @@ class RemoteBackend:
         constant meanwhile) ``_run`` does it all as a task. Returns what stops the run."""
         args = (graph, inputs, fetch, keep, constants, stages, stream, trace, names)
         sess = self._session
-        data = _constant_data(graph, constants)
+        data = constant_data(graph, constants)
         if not self._can_post_now(sess, data, stages):
             return self._run_task(reply, (*args, self._ticket()))
         assert sess is not None
         self._drain_frees()  # they ride on this run
         sess.check_residents(graph)
-        waiter = self._post_run(sess, graph, inputs, fetch, keep, data, None, stream, trace, names)
+        waiter = sess.post_run(graph, inputs, fetch, keep, data, None, stream, trace, names)
         stopped = False
 
         def landed() -> None:  # in the reader, as the reply (or the connection's loss) lands
             if stopped:
                 return
             try:
-                reply(outcome.Value(self._result(sess, graph, waiter, len(fetch), names)))
+                reply(outcome.Value(sess.result(graph, waiter, len(fetch), names)))
             except MissingOnServerError as e:  # evicted under the memory limit meanwhile: retry
                 sess.known.difference_update(e.digests)
                 stop_retry.append(self._run_task(reply, args))
@@ -317,8 +299,7 @@ class RemoteBackend:
     def _can_post_now(self, sess: Session | None, data: dict[str, torch.Tensor],
                       stages: StageSchedule | None) -> bool:
         return not (sess is None or sess.conn.closed or stages is not None or self._unposted
-                    or (self.residency and any(d not in sess.known and _nbytes(t) > INLINE_MAX
-                                               for d, t in data.items())))
+                    or sess.lacks_big_constants(data))
 
     def _start_submit(self, graph: Graph, inputs: list[torch.Tensor], keep: list[int],
                       constants: dict[str, torch.Tensor], stages: StageSchedule | None, stream: list[int],
@@ -423,7 +404,7 @@ class RemoteBackend:
                     from None
             await self.bridge_nursery().start(conn.run)
             self.stats.extra["connections"] += 1
-            self._session = sess = Session(conn)
+            self._session = sess = Session(conn, self.stats, self.residency)
             conn.holds_values = lambda: bool(sess.handles)
             return self._session
 
@@ -444,28 +425,25 @@ class RemoteBackend:
             if prev is not None:
                 await prev.wait()
             sess = await self._connect()
-            data = _constant_data(graph, constants)
+            data = constant_data(graph, constants)
             sess.check_residents(graph)
-            if self.residency:
-                await self._ensure_constants(sess, data)
+            await sess.ensure_constants(data)
         except BaseException:
             self._posted(mine)
             raise
         for attempt in range(RETRIES):
             if attempt:  # a retry after an eviction: later runs may have gone ahead (rare)
                 sess.check_residents(graph)
-                if self.residency:
-                    await self._ensure_constants(sess, data)
+                await sess.ensure_constants(data)
             try:
-                waiter = self._post_run(sess, graph, inputs, fetch, keep, data, stages, stream or [], trace,
-                                        names)
+                waiter = sess.post_run(graph, inputs, fetch, keep, data, stages, stream or [], trace, names)
             finally:
                 self._posted(mine)
             try:
                 reply = await sess.conn.wait(waiter)
             except MissingOnServerError as e:  # evicted under the server's memory limit meanwhile
                 sess.known.difference_update(e.digests)
-                sess.plans.discard(e.plan or "")
+                sess.schedules.discard(e.schedule or "")
                 continue
             except GenieError as e:
                 sess.run_failed(graph, waiter, names, e)
@@ -474,206 +452,7 @@ class RemoteBackend:
         else:
             raise RemoteMemoryError("the server keeps evicting this program's constants before it "
                                     "runs: its --memory-limit is too small for the working set")
-        return self._result(sess, graph, waiter, len(fetch), names, reply)
-
-    def _result(self, sess: Session, graph: Graph, waiter: Waiter, n_fetch: int, names: list[int],
-                reply: Message | None = None) -> RunResult:
-        """The RunResult of a run's reply (raised if it is an error); no checkpoint in here."""
-        for h in names:
-            sess.makers.pop(h, None)
-        if reply is None:
-            try:
-                reply = sess.conn.outcome(waiter)
-            except GenieError as e:
-                sess.run_failed(graph, waiter, names, e)
-                raise
-        if reply.get("slot_refused"):
-            self._refuse_template(sess, graph)
-        handles, metas = reply["handles"], reply["metas"]
-        early = reply.get("early", [])
-        n_keep = len(names)
-        if (handles != names or len(metas) != n_keep
-                or len(reply.buffers) != n_fetch - len(early) or set(early) != set(waiter.parts)):
-            raise RemoteProtocolError("run result does not match what was asked")
-        self.stats.runs += 1
-        self.stats.extra["early_outputs"] += len(early)
-        rest = iter(reply.buffers)
-        fetched = [waiter.parts[p].buffers[0] if p in waiter.parts else next(rest) for p in range(n_fetch)]
-        arrived = {p: m.received_ns for p, m in waiter.parts.items()}
-        timeline = reply.get("timeline")
-        if isinstance(timeline, dict):
-            timeline = {**_on_our_clock(timeline, sess.conn.clock_offset), "pid": sess.conn.server_pid}
-        return RunResult(fetched, list(handles), [decode_meta(m) for m in metas], timeline, arrived)
-
-    async def _ensure_constants(self, sess: Session, data: dict[str, torch.Tensor]) -> None:
-        """Make sure the server holds every big constant: ask which it lacks, upload those."""
-        big = [d for d, t in data.items() if d not in sess.known and _nbytes(t) > INLINE_MAX]
-        for d in big:
-            ev = sess.uploading.get(d)
-            if ev is not None:  # another run of ours is sending it
-                await ev.wait()
-        mine = {d: trio.Event() for d in big if d not in sess.known and d not in sess.uploading}
-        if not mine:
-            return
-        sess.uploading.update(mine)
-        try:
-            reply = await sess.conn.request(Message("has", {"digests": list(mine)}))
-            missing = set(reply["missing"])
-            sess.known.update(d for d in mine if d not in missing)
-            todo = [d for d in mine if d in missing]
-            if todo:
-                await self._upload(sess, [(d, _wire_tensor(data[d])) for d in todo])
-        finally:
-            for d, ev in mine.items():
-                sess.uploading.pop(d, None)
-                ev.set()
-
-    async def _upload(self, sess: Session, items: list[tuple[str, torch.Tensor]]) -> None:
-        frame = min(UPLOAD_FRAME, sess.conn.max_frame)
-        for _, t in items:
-            if _nbytes(t) > sess.conn.max_frame - (64 << 10):
-                raise NotImplementedError(
-                    f"uploading one constant of {_nbytes(t)} bytes, more than the server's max frame "
-                    f"({sess.conn.max_frame}): chunked uploads are not implemented; start the server "
-                    "with a larger --max-frame")
-        total = sum(_nbytes(t) for _, t in items)
-        bar = _progress_bar(total)
-        batches: list[list[tuple[str, torch.Tensor]]] = [[]]
-        size = 0
-        for d, t in items:
-            if batches[-1] and (size + _nbytes(t) > frame or len(batches[-1]) >= MAX_BUFFERS):
-                batches.append([])
-                size = 0
-            batches[-1].append((d, t))
-            size += _nbytes(t)
-        try:
-            waiters = [(batch, sess.conn.post(
-                Message("upload", {"digests": [d for d, _ in batch]}, [t for _, t in batch]),
-                on_sent=bar.update if bar is not None else None)) for batch in batches]
-            for batch, waiter in waiters:
-                await sess.conn.wait(waiter)  # type: ignore[arg-type]
-                sess.known.update(d for d, _ in batch)
-                self.stats.uploads += len(batch)
-                self.stats.extra["upload_bytes"] += sum(_nbytes(t) for _, t in batch)
-        finally:
-            if bar is not None:
-                bar.close()
-
-    def _post_run(self, sess: Session, graph: Graph, inputs: list[torch.Tensor], fetch: list[int],
-                  keep: list[int], data: dict[str, torch.Tensor], stages: StageSchedule | None,
-                  stream: list[int], trace: bool, names: list[int]):
-        """Build and queue the run message, then its streamed inputs. No checkpoint in here: slot
-        state must follow post order, and the inputs must follow their run."""
-        inputs = [_wire_tensor(t) for t in inputs]  # first: a bad input must leave no slot state
-        inline = [d for d in data if not self.residency or d not in sess.known]
-        sess.known.update(inline)
-        self.stats.uploads += len(inline)
-        self.stats.uploads_skipped += len(data) - len(inline)
-        self.stats.extra["upload_bytes"] += sum(_nbytes(data[d]) for d in inline)
-        fields, plan = self._plan(sess, graph)
-        streamed = set(stream)
-        if len(streamed) != len(stream) or not streamed <= set(range(len(inputs))):
-            raise ValueError(f"stream must name distinct input positions, got {stream}")
-        if stages is not None:
-            known = self.residency and stages.key in sess.plans
-            fields["stages"] = stages.key if known else stages.to_wire()
-            sess.plans.add(stages.key)
-            if stream:
-                fields["stream"] = stream
-            if trace:
-                fields["trace"] = True
-        elif stream:
-            raise ValueError("streamed inputs need a stage schedule")
-        given = [t for p, t in enumerate(inputs) if p not in streamed]
-        fields.update(inputs=len(given), consts=inline, fetch=fetch, keep=keep, names=names)
-        buffers = [*plan, *(_wire_tensor(t) for t in given), *(_wire_tensor(data[d]) for d in inline)]
-        def orphan(reply: Message) -> None:  # a cancelled run's values
-            sess.handles.difference_update(names)
-            sess.conn.free_later(list(reply["handles"]))
-
-        waiter = sess.conn.post(Message("run", fields, buffers), orphan=orphan)
-        sess.handles.update(names)
-        for h in names:
-            sess.makers[h] = waiter
-        if fields["plan"] == "graph" and "slot" in fields:
-            sess.slots[fields["check"]].registered_by = fields["id"]
-        for p in stream:
-            sess.conn.post(Message("input", {"id": fields["id"], "input": p}, [_wire_tensor(inputs[p])]),
-                           reply=False)
-        self.stats.extra["streamed_inputs"] += len(stream)
-        return waiter
-
-    def _plan(self, sess: Session, graph: Graph) -> tuple[dict, list]:
-        whole = lambda: [graph.to_bytes(with_constants=False)]
-        if not self.residency:
-            return {"plan": "graph"}, whole()
-        parts = split(graph)
-        if parts is None or parts.digest in sess.refused:
-            return {"plan": "graph"}, whole()
-        slot = sess.slots.get(parts.digest)
-        if slot is None:
-            number = sess.slot_number()
-            sess.slots[parts.digest] = Slot(number, parts.ints, parts.ints, parts.strs)
-            return {"plan": "graph", "slot": number, "check": parts.digest}, whole()
-        sess.slots.move_to_end(parts.digest)
-        strs = [[i, s] for i, (s, old) in enumerate(zip(parts.strs, slot.strs, strict=True)) if s != old]
-        fields = {"plan": "slot", "slot": slot.number, "check": parts.digest, "strs": strs}
-        buffers: list = []
-        if len(parts.ints) <= SMALL_FIX:  # a few ints: JSON in the header beats two tensors
-            ints = parts.ints.tolist()
-            fields["fix"] = list(small_corrections(ints, slot.last.tolist(), slot.prev.tolist()))
-        else:
-            idx, vals = corrections(parts.ints, predict(slot.last, slot.prev))
-            if len(idx) <= SMALL_FIX:
-                fields["fix"] = [idx.tolist(), vals.tolist()]
-            else:
-                buffers = [torch.from_numpy(idx), torch.from_numpy(vals)]
-        slot.prev, slot.last, slot.strs = slot.last, parts.ints, parts.strs
-        self.stats.plan_cache_hits += 1
-        return fields, buffers
-
-    def _refuse_template(self, sess: Session, graph: Graph) -> None:
-        parts = split(graph)
-        if parts is not None:
-            sess.slots.pop(parts.digest, None)
-            sess.refused.add(parts.digest)
-
-
-def _on_our_clock(timeline: dict, offset: int) -> dict:
-    """The server's timeline with its perf_counter_ns times moved onto this process's clock."""
-    def shift(rows: object, first: int) -> list:  # rows of [key..., time, time]: times from ``first``
-        if not isinstance(rows, list):
-            return []
-        return [[*r[:first], *(t - offset for t in r[first:])] for r in rows
-                if isinstance(r, list) and all(type(t) is int for t in r[first:])]
-
-    return {**timeline, "stages": shift(timeline.get("stages"), 0), "waits": shift(timeline.get("waits"), 1),
-            "outputs": shift(timeline.get("outputs"), 1), "receives": shift(timeline.get("receives"), 1),
-            "sends": shift(timeline.get("sends"), 1)}
-
-
-def _constant_data(graph: Graph, constants: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each constant the graph names (once, in first-use order) -> its data."""
-    data = {}
-    for n in graph.nodes:
-        if n.op == CONST and n.args[0] not in data:
-            d = n.args[0]
-            t = constants.get(d, graph.constants.get(d))
-            if t is None:
-                raise GenieError(f"graph names constant {d} but no data for it was given")
-            data[d] = t
-    return data
-
-
-def _progress_bar(total: int):
-    if total <= PROGRESS_MIN or not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="genie upload",
-                file=sys.stderr, leave=False)
+        return sess.result(graph, waiter, len(fetch), names, reply)
 
 
 # -- choosing the backend -----------------------------------------------------------------------

@@ -104,9 +104,6 @@ class SemanticAnalyzer:
                                tuple(n.module for n in graph.nodes), graph_cost(graph),
                                self.registry.version)
 
-    def clear_cache(self) -> None:
-        self._cache.clear()
-
 
 @functools.cache  # one shared instance; a racing first call builds a spare, harmlessly
 def default_analyzer() -> SemanticAnalyzer:

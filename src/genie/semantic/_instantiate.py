@@ -2,7 +2,7 @@
 
 A decode step with a growing KV cache records a new graph every step, equal to the last one but for
 its ints (shapes, strides, view arguments, storage ids), constant digests and seeds: the same
-``graph._template.split`` skeleton. Its plan is the cached one, rewritten node by node:
+``genie.graph.split`` skeleton. Its plan is the cached one, rewritten node by node:
 
 - every fused group is matched again at its root, by its own rule, and annotated afresh on the new
   graph: facts that depend on sizes (the mask's causal alignment for this q_len/k_len, head_dim,
@@ -25,8 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from genie.graph import CONST, Graph, Node, Ref, map_refs
-from genie.graph._template import Split, _Emitter
+from genie.graph import CONST, Graph, Node, NodeWriter, Ref, Split, map_refs, outputs_tail
 from genie.semantic._fold import Folder
 from genie.semantic._fuse import FusedCall, fused_node, why_not_fusable
 from genie.semantic._match import match
@@ -54,7 +53,7 @@ class Recipe:
 
 @dataclass(frozen=True)
 class WireRecipe:
-    """The plan graph's template split (``graph._template``) from its source's, without emitting it:
+    """The plan graph's template split (``genie.graph.split``) from its source's, without emitting it:
     a plain plan node has its source node's ints and strings in the same order (only its Refs,
     which are no holes, differ), so they are gathered; fused nodes (a few) are emitted."""
 
@@ -65,8 +64,8 @@ class WireRecipe:
     tail: str  # the skeleton after the nodes: the outputs
 
 
-def _emit(n: Node) -> _Emitter:
-    e = _Emitter()
+def _emit(n: Node) -> NodeWriter:
+    e = NodeWriter()
     e.node(n)
     return e
 
@@ -91,12 +90,12 @@ def wire_recipe(src: Graph, plan: Graph, src_of: tuple[int, ...], fused_at: Mapp
             ints.extend([-1] * len(e.ints))
             continue
         e = _emit(n)
-        texts.append("".join(e.out))
+        texts.append(e.text())
         first, count = int_at[src_of[j]]
         ints.extend(range(first, first + count))
         first, count = str_at[src_of[j]]
         strs.extend(range(first, first + count))
-    tail = '],"outputs":[' + ",".join(f"[{r.node},{r.index}]" for r in plan.outputs) + "]}"
+    tail = outputs_tail(plan.outputs)
     return WireRecipe(tuple(texts), np.array(ints, dtype=np.int64), tuple(strs), tuple(fused), tail)
 
 
@@ -119,7 +118,7 @@ def plan_split(w: WireRecipe, src: Split, plan: Graph) -> Split | None:
             ints[first:first + count] = e.ints
         except OverflowError:  # as split: an int past int64 has no template
             return None
-        texts[j] = "".join(e.out)
+        texts[j] = e.text()
     skeleton = '{"nodes":[' + ",".join(texts) + w.tail  # type: ignore[arg-type]
     digest = hashlib.blake2b(skeleton.encode(), digest_size=16).hexdigest()
     return Split(skeleton, digest, ints, [src.strs[k] for k in w.strs])

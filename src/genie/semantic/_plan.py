@@ -118,36 +118,6 @@ class ExecutionPlan:
                 ready[i] = s.index
         return StageSchedule(self.key, tuple(n for n in starts if n is not None), tuple(ready))
 
-    def output_stage(self, index: int) -> int:
-        """The stage after which ``graph.outputs[index]`` is final and may be sent back."""
-        for s in self.stages:
-            if index in s.ready_outputs:
-                return s.index
-        raise IndexError(f"no output {index}")
-
-    def to_dict(self) -> dict:
-        """The plan as plain JSON-able data (node ids of ``plan.graph``), for a peer that has the graph.
-
-        A server holding ``plan.graph`` may also recompute the same plan with ``schedule``: the
-        scheduler is deterministic and a fused graph schedules to the same stages.
-        """
-        return {
-            "key": self.key, "source_digest": self.source_digest, "digest": self.graph.digest,
-            "workload": self.workload.value, "phase": self.phase.value,
-            "stages": [{"index": s.index, "name": s.name, "first": s.first, "last": s.last,
-                        "uploads": list(s.uploads), "weights": list(s.weights),
-                        "needs": [[r.node, r.index] for r in s.needs],
-                        "ready_outputs": list(s.ready_outputs), "keep_outputs": list(s.keep_outputs),
-                        "frees": list(s.frees), "fused": list(s.fused)} for s in self.stages],
-            "uploads": [{"what": t.what, "key": t.key, "node": t.node, "nbytes": t.nbytes, "stage": t.stage,
-                         "pinned": t.pinned} for t in self.uploads],
-            "downloads": [{"output": t.key, "node": t.node, "nbytes": t.nbytes, "stage": t.stage}
-                          for t in self.downloads],
-            "residency": {str(k): v.name.lower() for k, v in self.residency.items()},
-            "peak_bytes": self.peak_bytes, "activation_bytes": self.activation_bytes,
-            "stream": list(self.stream),
-        }
-
     def __str__(self) -> str:
         from genie.semantic._format import format_plan
 

@@ -27,8 +27,18 @@ from functools import lru_cache
 
 import numpy as np
 
-from genie.graph import CONST, INPUT, RESIDENT, SOURCE_OPS, Graph, Ref, StageSchedule
-from genie.graph._template import Split, split, with_split
+from genie.graph import (
+    CONST,
+    INPUT,
+    RESIDENT,
+    SOURCE_OPS,
+    Graph,
+    Ref,
+    Split,
+    StageSchedule,
+    split,
+    with_split,
+)
 from genie.semantic._analyzer import WorkloadProfile, analyze
 from genie.semantic._annotate import arg
 from genie.semantic._cost import GraphCost, NodeCost, graph_cost, node_cost
@@ -183,10 +193,6 @@ class Scheduler:
         if hit is None and self.key_by == "structure":
             hit = next((c.plan for c in list(self._shapes._data.values()) if c.plan.key == key), None)
         return hit
-
-    def clear_cache(self) -> None:
-        self._cache.clear()
-        self._shapes.clear()
 
     # -- plans by structure --------------------------------------------------------------------------
     def _by_structure(self, graph: Graph, profile: WorkloadProfile | None, parts: Split) -> ExecutionPlan:

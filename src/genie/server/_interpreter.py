@@ -8,12 +8,12 @@ Call tree::
     Interpreter(graph, device=..., constants=..., residents=...)
       resolve every op of the graph       UnsupportedOpError here, before any node runs
     .run(inputs)
-      check_inputs(inputs)               dtype/shape of each binding against the graph
+      graph.check_inputs(inputs)         dtype/shape of each binding against the graph
       begin(inputs); for node in graph.nodes: step(node)
-        run_node(node)
-          genie.input     -> inputs[position]
-          genie.const     -> constants[digest]
-          genie.resident  -> residents[handle]
+        run_node(node)                   one method per node kind:
+          genie.input     -> bind_input(node):    inputs[position], on the device, in its own storage
+          genie.const     -> bind_constant(node): constants[digest]
+          genie.resident  -> bind_resident(node): residents[handle]
           anything else   -> call_op(node): map device args, seed RNG, call, conj/neg views
                              resolved to copies (later writes to their memory refused)
         free values whose last user has run
@@ -106,9 +106,11 @@ class Interpreter:
         for op in {n.op for n in graph.nodes if n.op not in SOURCE_OPS}:
             self._fns[op] = resolve_op(op, fused_ops(device) if op.startswith("genie.") else None)
         self._device_args = {op for op, fn in self._fns.items() if _device_by_position(fn)}
+        self._kinds: dict[str, Callable[[Node], Any]] = {
+            INPUT: self.bind_input, CONST: self.bind_constant, RESIDENT: self.bind_resident}
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        self.check_inputs(inputs)
+        self.graph.check_inputs(inputs)
         self.begin(inputs)
         for node in self.graph.nodes:
             self.step(node)
@@ -132,22 +134,23 @@ class Interpreter:
     def results(self) -> list[torch.Tensor]:
         return [self._value(r) for r in self.graph.outputs]
 
-    def check_inputs(self, inputs: Sequence[torch.Tensor]) -> None:
-        self.graph.check_inputs(inputs)
-
     def _value(self, r: Ref) -> Any:
         v = self._values[r.node]
         return v[r.index] if self.graph.nodes[r.node].multi else v
 
     # -- one method per node kind -------------------------------------------------------------
     def run_node(self, node: Node) -> Any:
-        if node.op == INPUT:
-            return own_storage(self._inputs[node.args[0]].to(self.device))
-        if node.op == CONST:
-            return self.constants[node.args[0]]
-        if node.op == RESIDENT:
-            return self.residents[node.args[0]]
-        return self.call_op(node)
+        kind = self._kinds.get(node.op)
+        return self.call_op(node) if kind is None else kind(node)
+
+    def bind_input(self, node: Node) -> torch.Tensor:
+        return own_storage(self._inputs[node.args[0]].to(self.device))
+
+    def bind_constant(self, node: Node) -> torch.Tensor:
+        return self.constants[node.args[0]]
+
+    def bind_resident(self, node: Node) -> torch.Tensor:
+        return self.residents[node.args[0]]
 
     def call_op(self, node: Node) -> Any:
         fn = self._fns[node.op]

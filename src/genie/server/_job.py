@@ -9,7 +9,7 @@ Call tree::
           get_input(pos)                inline, or Inbound.wait(pos) with the compute slot lent out
           on_output(i, value)           host copy -> send_part(...) on the event loop, per fetch
                                         position, for outputs final before the last stage
-        _session.execute(...)         the one path: private constants, (Staged)Interpreter, in
+        _executor.run_graph(...)         the one path: private constants, (Staged)Interpreter, in
                                       device.compute
           after every node: job.cancel.check()   the client cancelled: RunCancelledError, and the
                                                  values, the slot and the thread are let go
@@ -28,12 +28,11 @@ import torch
 import trio
 
 from genie._errors import GenieError, RemoteExecutionError
-from genie.graph import Graph, Node, StageSchedule, TensorMeta
-from genie.graph._wire import encode_meta
+from genie.graph import Graph, Node, StageSchedule, TensorMeta, encode_meta
+from genie.server._executor import run_graph, unshared
+from genie.server._executor import written_sources as written_sources  # _requests derives writes by it
 from genie.server._inbound import Inbound
 from genie.server._residency import Residents
-from genie.server._session import execute, unshared
-from genie.server._session import written_sources as written_sources  # _conn derives writes by it
 from genie.transport import RunCancelledError
 
 if TYPE_CHECKING:
@@ -124,20 +123,20 @@ class Lender:
 
 def run_job(job: Job, *, server: Server, residents: Residents, lender: Lender | None,
             send_part: Callable[[int, int, torch.Tensor], None]) -> JobResult:
-    """Run (by ``_session.execute``, the one path); keep what is kept; say what is left to send."""
+    """Run (by ``_executor.run_graph``, the one path); keep what is kept; say what is left to send."""
     t0 = time.perf_counter()
     with server.pool.pinned(job.consts):
         if job.cancel is not None:  # cancelled while it waited for the slot, or from now on
             job.cancel.check()
         versions = {d: server.pool[d]._version for d in dict.fromkeys(job.consts)}
         try:
-            check_inputs(job.graph, job.inputs)
+            check_given_inputs(job.graph, job.inputs)
         except (TypeError, GenieError) as e:
             raise RemoteExecutionError(str(e), op="genie.input") from e
         early: list[int] = []
         hooks = _stage_hooks(job, server, lender, send_part, early) if job.schedule is not None else {}
         try:
-            values, tl = execute(job.graph, job.inputs, device=server.device.device, constants=server.pool,
+            values, tl = run_graph(job.graph, job.inputs, device=server.device.device, constants=server.pool,
                                  residents=residents, schedule=job.schedule, layout=job.layout,
                                  written=job.written, meter=job.trace,
                                  on_node=job.cancel.check if job.cancel is not None else None,
@@ -188,7 +187,7 @@ def _stage_hooks(job: Job, server: Server, lender: Lender | None,
     return {"get_input": get_input, "on_output": on_output, "early": parts}
 
 
-def check_inputs(graph: Graph, inputs: list) -> None:
+def check_given_inputs(graph: Graph, inputs: list) -> None:
     """Like ``graph.check_inputs``, but a hole (a streamed input still arriving) is checked later."""
     if len(inputs) != len(graph.inputs):
         raise TypeError(f"graph takes {len(graph.inputs)} inputs, got {len(inputs)}")

@@ -30,8 +30,8 @@ class MissingConstantsError(MissingOnServerError):
         super().__init__(digests)
 
 
-class MissingPlanError(MissingOnServerError):
-    """A run named a stage schedule by a plan key this server does not hold: the client re-sends it."""
+class MissingScheduleError(MissingOnServerError):
+    """A run named a stage schedule by a key this server does not hold: the client re-sends it."""
 
     def __init__(self, key: str) -> None:
         super().__init__([], key)

@@ -8,12 +8,12 @@ Call tree::
         open_tcp_listeners -> exposure check (no token: loopback only, unless --insecure)
                            -> print "genie serve listening on HOST:PORT"
         serve_listeners(handle)         one task per connection
-          Connection(server, socket or SSLStream).serve()        (see _conn)
+          ConnectionHandler(server, socket or SSLStream).serve()  (see _handler)
         watch_stdin()                   embedded mode: the parent went away -> shut down
 
 State shared by connections lives on ``Server``: the device, the constant pool (weights uploaded
 once per server, shared by all), the template cache, the stage-schedule cache (keyed by the
-client's plan key), the compute limiter, the run-thread limiter and the open-connection count.
+client's schedule key), the compute limiter, the run-thread limiter and the open-connection count.
 Every limit is a row of ``transport.LIMITS``; ``Config.limits`` holds this server's values.
 """
 
@@ -33,10 +33,9 @@ import torch
 import trio
 
 from genie._errors import GenieError
-from genie.graph import StageSchedule
-from genie.graph._template import Template
-from genie.server._conn import Connection
+from genie.graph import StageSchedule, Template
 from genie.server._device import Device
+from genie.server._handler import ConnectionHandler
 from genie.server._residency import ConstantPool
 from genie.transport import Limits
 
@@ -64,7 +63,7 @@ class ConfigError(GenieError):
 
 
 class _LRU(OrderedDict):
-    """Parsed templates by digest, stage schedules by plan key: shared by connections; the least
+    """Parsed templates by digest, stage schedules by key: shared by connections; the least
     recently stored go first. Connections decode in worker threads, so a store is locked."""
 
     def __init__(self, size: int) -> None:
@@ -96,7 +95,7 @@ class Server:
         self.verbose = config.verbose
         self.hello_timeout = lim.hello_timeout
         self.templates: _LRU[str, Template] = _LRU(lim.max_templates)
-        self.plans: _LRU[str, StageSchedule] = _LRU(lim.max_templates)  # the client's plan key -> schedule
+        self.schedules: _LRU[str, StageSchedule] = _LRU(lim.max_templates)  # by the client's key
         self.compute_limiter = trio.CapacityLimiter(workers)
         # a run holds a thread while it computes (a compute slot) or waits for a streamed input (its
         # slot lent out): at most --max-runs of those per connection, so stalled uploads can never
@@ -110,7 +109,7 @@ class Server:
         return {**self.stats, "device": str(self.device), "constants": len(p),
                 "constant_bytes": p.const_bytes, "resident_bytes": p.resident_bytes,
                 "evictions": p.evictions, "memory_limit": p.limit or 0, "templates": len(self.templates),
-                "plans": len(self.plans), "open_connections": self.open_connections,
+                "schedules": len(self.schedules), "open_connections": self.open_connections,
                 "running_bytes": p.running}
 
     async def handle(self, stream: trio.SocketStream) -> None:
@@ -132,7 +131,7 @@ class Server:
             return
         self.open_connections += 1
         try:
-            await Connection(self, conn, peer).serve()
+            await ConnectionHandler(self, conn, peer).serve()
         except Exception as e:  # never let one connection take the server down
             print(f"genie serve: {peer}: internal error: {e!r}", file=sys.stderr, flush=True)
         finally:

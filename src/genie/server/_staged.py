@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from genie.graph import INPUT, SOURCE_OPS, Graph, Node, StageSchedule
+from genie.graph import SOURCE_OPS, Graph, Node, StageSchedule
 from genie.server._interpreter import Interpreter, own_storage
 
 
@@ -129,15 +129,17 @@ class StagedInterpreter(Interpreter):
             tl.peak_bytes, tl.activation_bytes = self.meter.peak, self.meter.total
         return out
 
+    def bind_input(self, node: Node) -> torch.Tensor:
+        if self.get_input is None:
+            return super().bind_input(node)
+        pos = node.args[0]
+        t0 = time.perf_counter_ns()
+        value = self.get_input(pos)
+        self.timeline.waits.append((pos, t0, time.perf_counter_ns()))
+        return own_storage(value.to(self.device))
+
     def run_node(self, node: Node) -> Any:
-        if node.op == INPUT and self.get_input is not None:
-            pos = node.args[0]
-            t0 = time.perf_counter_ns()
-            value = self.get_input(pos)
-            self.timeline.waits.append((pos, t0, time.perf_counter_ns()))
-            value = own_storage(value.to(self.device))
-        else:
-            value = super().run_node(node)
+        value = super().run_node(node)
         if self.meter is not None:
             if node.op in SOURCE_OPS:
                 self.meter.source(value)

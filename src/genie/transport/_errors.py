@@ -3,7 +3,7 @@
 An ``error`` message carries ``kind`` and ``message``, plus fields some kinds add::
 
     kind         raised on the client as          extra fields
-    missing      MissingOnServerError             missing (digests), plan (a plan key, or absent)
+    missing      MissingOnServerError             missing (digests), schedule (its key, or absent)
     memory       RemoteMemoryError                traceback
     unsupported  UnsupportedOpError               op
     cancelled    RunCancelledError                -
@@ -36,10 +36,10 @@ class MissingOnServerError(GenieError):
     """The server lacks constants or a stage schedule a run named (never sent, or evicted since
     under its memory limit): nobody's fault; the client sends them again and retries."""
 
-    def __init__(self, digests: list[str], plan: str | None = None) -> None:
+    def __init__(self, digests: list[str], schedule: str | None = None) -> None:
         self.digests = digests
-        self.plan = plan  # the plan key of a stage schedule the server does not hold
-        also = " and a stage schedule" if plan else ""
+        self.schedule = schedule  # the key of a stage schedule the server does not hold
+        also = " and a stage schedule" if schedule else ""
         super().__init__(f"server lacks {len(digests)} constant(s){also}")
 
 
@@ -72,8 +72,8 @@ def error_message(req_id: int, exc: BaseException) -> Message:
         fields["op"] = exc.op
     elif isinstance(exc, MissingOnServerError):
         fields["missing"] = exc.digests
-        if exc.plan is not None:
-            fields["plan"] = exc.plan
+        if exc.schedule is not None:
+            fields["schedule"] = exc.schedule
     elif kind in ("execution", "memory"):
         fields["message"] = f"{type(exc).__name__}: {exc}"
         fields["traceback"] = "".join(traceback.format_exception(exc))
@@ -92,9 +92,9 @@ def error_from_message(msg: Message) -> Exception:
     if kind == "memory":
         return RemoteMemoryError(text)
     if kind == "missing":
-        missing, plan = msg.get("missing"), msg.get("plan")
+        missing, schedule = msg.get("missing"), msg.get("schedule")
         digests = [d for d in missing if isinstance(d, str)] if isinstance(missing, list) else []
-        return MissingOnServerError(digests, plan if isinstance(plan, str) else None)
+        return MissingOnServerError(digests, schedule if isinstance(schedule, str) else None)
     if kind == "cancelled":
         return RunCancelledError(text)
     if kind == "auth":

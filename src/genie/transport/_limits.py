@@ -1,7 +1,7 @@
 """Every limit the server puts on a peer, in one table: its default, its unit and its flag.
 
 The protocol enforces the framing limits (header bytes, descriptors, payload bytes) on bytes alone;
-the server enforces the rest (graph nodes, plan slots, timeouts, memory, connections). ``genie
+the server enforces the rest (graph nodes, template slots, timeouts, memory, connections). ``genie
 serve`` makes one flag per row that has one, so a limit is added by adding a row here.
 """
 
@@ -27,8 +27,8 @@ LIMITS: dict[str, Limit] = {
                                  "largest header before the handshake; such frames carry no payload"),
     "max_buffers": Limit(16384, "count", "--max-buffers", "buffer descriptors in one message"),
     "max_nodes": Limit(100_000, "count", "--max-nodes", "nodes in one graph"),
-    "max_slots": Limit(1024, "count", None, "plan templates one connection may register"),
-    "max_templates": Limit(1024, "count", None, "plan templates and stage schedules the server caches"),
+    "max_slots": Limit(1024, "count", None, "templates one connection may register in its slots"),
+    "max_templates": Limit(1024, "count", None, "templates and stage schedules the server caches"),
     "memory_limit": Limit(None, "bytes", "--memory-limit",
                           "bytes the server may hold: constants, kept values, every run's predicted "
                           "peak and incoming frames (e.g. 20GiB); least recently used unpinned "

@@ -21,8 +21,8 @@ Messages (``MESSAGES``; every request carries an ``id`` that its reply repeats):
     have     server  id, missing                              -
     upload   client  id, digests                              one tensor each      done | error
     done     server  id                                       -
-    run      client  id, plan, inputs, consts, fetch, keep    plan, inputs, consts part* result | error
-                     (+ frees, names, slot, check, strs,
+    run      client  id, graph, inputs, consts, fetch, keep   graph, inputs,       part* result | error
+                     (+ frees, names, slot, check, fix, strs, consts
                       stages, stream, trace)
     input    client  id (of its run), input                   one tensor           (none)
     part     server  id, output (a fetch position)            one tensor
@@ -35,8 +35,14 @@ Messages (``MESSAGES``; every request carries an ``id`` that its reply repeats):
     pong     server  id                                       -
     cancel   client  id (of a run)                            -                    (none)
     error    server  id, kind, message (+ op, traceback,      -
-                     missing, plan); id 0: about the connection
+                     missing, schedule); id 0: about the connection
                      (kinds: ``_errors.ERROR_KINDS``)
+
+A run's ``graph`` says where its graph is: ``"bytes"``, the graph's wire form in the first buffer
+(registered as template ``slot`` too when the run carries ``slot`` and the template's digest in
+``check``), or ``"slot"``, that slot's template filled from corrections to its last two fills
+(``fix``, a few [positions, values] in the header, or two vectors in the first two buffers; ``strs``
+as [position, string] pairs).
 
 A run may name its kept values: ``names`` holds one client-chosen handle per ``keep`` entry (ints
 in (0, 2**53), distinct, not in use on the connection), so the client can read them in its next
@@ -75,7 +81,7 @@ from genie._errors import LocalProtocolError, RemoteMemoryError, RemoteProtocolE
 from genie.transport._limits import LIMITS
 from genie.transport._tensors import as_bytes, describe, from_bytes, parse_descriptor
 
-VERSION = 1
+VERSION = 2  # 2: a run's ``graph`` field (was ``plan``), declared optional fields
 MAGIC = b"GN"
 PREFIX = struct.Struct("<2sBBIQ")
 ALIGN = 64
@@ -95,29 +101,79 @@ class State(Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class ListOf:
+    """A JSON list whose items are all ``item`` (a field type)."""
+
+    item: FieldType
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    """A JSON list of exactly two items, of these field types."""
+
+    first: FieldType
+    second: FieldType
+
+
+FieldType = type | tuple | ListOf | Pair  # a tuple: any one of its types
+
+
+def valid(v: Any, typ: FieldType) -> bool:
+    """Whether the decoded JSON value ``v`` is of field type ``typ`` (an int is never a bool)."""
+    if typ is int:
+        return type(v) is int
+    if isinstance(typ, ListOf):
+        return type(v) is list and all(valid(x, typ.item) for x in v)
+    if isinstance(typ, Pair):
+        return type(v) is list and len(v) == 2 and valid(v[0], typ.first) and valid(v[1], typ.second)
+    if isinstance(typ, tuple):
+        return any(valid(v, t) for t in typ)
+    return isinstance(v, typ)
+
+
+def _type_name(typ: FieldType) -> str:
+    if isinstance(typ, ListOf):
+        return f"list of {_type_name(typ.item)}"
+    if isinstance(typ, Pair):
+        return f"[{_type_name(typ.first)}, {_type_name(typ.second)}]"
+    if isinstance(typ, tuple):
+        return " or ".join(_type_name(t) for t in typ)
+    return typ.__name__
+
+
+@dataclass(frozen=True, slots=True)
 class Spec:
+    """A message kind: its code, who sends it, the fields it must carry and those it may carry.
+    Every field is type-checked here, once, as a frame is sent or received."""
+
     code: int
     sender: str
-    fields: dict[str, type | tuple[type, ...]]
+    fields: dict[str, FieldType]
+    optional: dict[str, FieldType] = field(default_factory=dict)
 
 
-_I, _S, _L, _D = int, str, list, dict
+_I, _S, _B, _L, _D = int, str, bool, list, dict
+_INTS, _STRS = ListOf(int), ListOf(str)
 MESSAGES: dict[str, Spec] = {
     "hello": Spec(1, CLIENT, {"version": _I, "token": _S}),
-    "welcome": Spec(2, SERVER, {"version": _I, "device": _S, "max_frame": _I}),
-    "has": Spec(3, CLIENT, {"id": _I, "digests": _L}),
-    "have": Spec(4, SERVER, {"id": _I, "missing": _L}),
-    "upload": Spec(5, CLIENT, {"id": _I, "digests": _L}),
+    "welcome": Spec(2, SERVER, {"version": _I, "device": _S, "max_frame": _I}, {"clock": _I, "pid": _I}),
+    "has": Spec(3, CLIENT, {"id": _I, "digests": _STRS}),
+    "have": Spec(4, SERVER, {"id": _I, "missing": _STRS}),
+    "upload": Spec(5, CLIENT, {"id": _I, "digests": _STRS}),
     "done": Spec(6, SERVER, {"id": _I}),
-    "run": Spec(7, CLIENT, {"id": _I, "plan": _S, "inputs": _I, "consts": _L, "fetch": _L, "keep": _L}),
-    "result": Spec(8, SERVER, {"id": _I, "handles": _L, "metas": _L}),
+    "run": Spec(7, CLIENT,
+                {"id": _I, "graph": _S, "inputs": _I, "consts": _STRS, "fetch": _INTS, "keep": _INTS},
+                {"frees": _INTS, "names": _INTS, "slot": _I, "check": _S, "fix": Pair(_INTS, _INTS),
+                 "strs": ListOf(Pair(_I, _S)), "stages": (_S, _D), "stream": _INTS, "trace": _B}),
+    "result": Spec(8, SERVER, {"id": _I, "handles": _INTS, "metas": _L}, {"early": _INTS, "timeline": _D}),
     "fetch": Spec(9, CLIENT, {"id": _I, "handle": _I}),
-    "free": Spec(10, CLIENT, {"handles": _L}),
+    "free": Spec(10, CLIENT, {"handles": _INTS}),
     "stats": Spec(11, CLIENT, {"id": _I}),
     "report": Spec(12, SERVER, {"id": _I, "stats": _D}),
     "ping": Spec(13, CLIENT, {"id": _I}),
     "pong": Spec(14, SERVER, {"id": _I}),
-    "error": Spec(15, SERVER, {"id": _I, "kind": _S, "message": _S}),
+    "error": Spec(15, SERVER, {"id": _I, "kind": _S, "message": _S},
+                  {"op": _S, "traceback": _S, "missing": _STRS, "schedule": _S}),
     "input": Spec(16, CLIENT, {"id": _I, "input": _I}),
     "part": Spec(17, SERVER, {"id": _I, "output": _I}),
     "cancel": Spec(18, CLIENT, {"id": _I}),
@@ -176,13 +232,19 @@ def _pad(n: int) -> int:
 
 
 def check_fields(kind: str, fields: dict, error: type[Exception]) -> None:
+    """Raise ``error`` unless ``fields`` hold every field of ``kind`` and each field, optional ones
+    included, has its declared type. Fields nobody declared are left alone (a newer peer's)."""
     spec = MESSAGES.get(kind)
     if spec is None:
         raise error(f"unknown message kind {kind!r:.40}")
     for name, typ in spec.fields.items():
         v = fields.get(name)
-        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
-            raise error(f"{kind} message: field {name!r} must be {typ.__name__}, got {type(v).__name__}")
+        if not valid(v, typ):
+            raise error(f"{kind} message: field {name!r} must be {_type_name(typ)}, got {type(v).__name__}")
+    for name, typ in spec.optional.items():
+        if name in fields and not valid(fields[name], typ):
+            raise error(f"{kind} message: field {name!r} must be {_type_name(typ)}, "
+                        f"got {type(fields[name]).__name__}")
 
 
 class Protocol:

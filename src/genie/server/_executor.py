@@ -2,12 +2,12 @@
 
 ``genie serve``'s worker (``_job.run_job``), the in-process backend (``InProcessExecutor``, which
 ``genie._setup`` injects into ``runtime.LocalBackend``) and ``genie._plan_exec.run_plan`` all call
-``execute``: they differ only in where constants and residents live and in the hooks they pass, as
+``run_graph``: they differ only in where constants and residents live and in the hooks they pass, as
 torch.fx's Interpreter is varied by subclassing (``Interpreter`` -> ``StagedInterpreter``).
 
 Call tree::
 
-    execute(graph, inputs, device=, constants=, residents=, schedule=, ...)
+    run_graph(graph, inputs, device=, constants=, residents=, schedule=, ...)
       private_constants(graph, written)   each CONST node the program writes: its own copy, never
                                           the shared (or the caller's) tensor
       Interpreter(...)                    no schedule: program order
@@ -35,7 +35,7 @@ from genie.server._staged import StagedInterpreter, Timeline
 T = TypeVar("T")
 
 
-def execute(graph: Graph, inputs: Sequence[torch.Tensor | None], *, device: torch.device,
+def run_graph(graph: Graph, inputs: Sequence[torch.Tensor | None], *, device: torch.device,
             constants: Mapping[str, torch.Tensor], residents: Mapping[int, torch.Tensor] | None = None,
             schedule: StageSchedule | None = None, layout: list[list[int]] | None = None,
             written: Collection[str] | None = None,
@@ -113,7 +113,7 @@ def private_constants(graph: Graph, written: Collection[str],
 
 class InProcessExecutor:
     """The executor without a wire: one pool of constants and one connection's residents, as a
-    server holds them, run through ``execute``. Not thread-safe: ``runtime.LocalBackend`` locks."""
+    server holds them, run through ``run_graph``. Not thread-safe: ``runtime.LocalBackend`` locks."""
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
@@ -133,7 +133,7 @@ class InProcessExecutor:
         ``names``: the caller's handles for the kept values."""
         layout = stages.check(graph) if stages is not None else None
         graph.check_inputs(inputs)
-        values, timeline = execute(graph, inputs, device=self.device, constants=self.pool,
+        values, timeline = run_graph(graph, inputs, device=self.device, constants=self.pool,
                                    residents=self.residents, schedule=stages, layout=layout, meter=trace)
         kept = [values[i] for i in keep]
         consts = [n.args[0] for n in graph.nodes if n.op == CONST]

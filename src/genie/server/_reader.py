@@ -1,16 +1,17 @@
-"""How a run message's plan becomes a graph, on one connection: a whole graph (perhaps registered
-in a plan slot as a template), or a slot's template filled from corrections to its last two fills.
+"""How a run message's ``graph`` field becomes a Graph, on one connection: a whole graph (perhaps
+registered in a template slot), or a slot's template filled from corrections to its last two fills.
+(The message's fields are type-checked by the protocol; what is checked here is what they mean.)
 
 Call tree::
 
-    Decoder(server).decode(msg)          in a worker thread when big (``_heavy``), else on the loop
-      _plan(msg)                         plan "graph": _graph (bounded before the parse), _register
-                                         plan "slot": _fill (``fix`` in the header, or two vectors)
+    RunReader(server).read(msg)          in a worker thread when big (``_heavy``), else on the loop
+      _graph(msg)                        graph "bytes": _parse (bounded before the parse), _register
+                                         graph "slot": _fill (``fix`` in the header, or two vectors)
       _schedule(msg, graph)              a stage schedule sent whole or named by its key, checked
       check_sizes, predict_peak          under a memory limit: the run's predicted peak
 
 A slot's state follows the order of the runs that fill it, so a connection decodes its runs one at a
-time, in arrival order (``Connection.work_loop``), even though they then compute at once.
+time, in arrival order (``ConnectionHandler.work_loop``), even though they then compute at once.
 """
 
 from __future__ import annotations
@@ -24,12 +25,20 @@ import torch
 import trio
 
 from genie._errors import ProtocolError, RemoteProtocolError
-from genie.graph import CONST, Graph, StageSchedule
-from genie.graph._template import Template, apply, fix_lists, predict, split
-from genie.graph._wire import graph_from_bytes
+from genie.graph import (
+    CONST,
+    Graph,
+    StageSchedule,
+    Template,
+    apply,
+    fix_lists,
+    graph_from_bytes,
+    predict,
+    split,
+)
 from genie.server._memory import check_sizes
 from genie.server._memory import predict as predict_peak
-from genie.server._residency import MissingPlanError
+from genie.server._residency import MissingScheduleError
 from genie.transport import Message
 
 if TYPE_CHECKING:
@@ -42,8 +51,9 @@ Decoded = tuple[Graph, int, "StageSchedule | None", "list[list[int]] | None", in
 
 
 @dataclass
-class Slot:
-    """A template this connection's client registered, and the last two vectors that filled it."""
+class RegisteredTemplate:
+    """A template this connection's client registered in a slot, and the last two vectors that
+    filled it (the client keeps the same pair: ``runtime``'s ``SentTemplate``)."""
 
     template: Template
     last: np.ndarray
@@ -53,73 +63,73 @@ class Slot:
     filled: bool = True  # filled once here: later fills rebuild only what changed (cheap)
 
 
-class Decoder:
-    """One connection's plan slots, and the graphs its run messages name."""
+class RunReader:
+    """One connection's template slots, and the graphs its run messages name."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.slots: dict[int, Slot] = {}
+        self.slots: dict[int, RegisteredTemplate] = {}
 
-    async def decode(self, msg: Message) -> Decoded:
+    async def read(self, msg: Message) -> Decoded:
         """The run's graph, how many buffers described it, its stage schedule and layout, and its
         predicted peak (0 without a memory limit). A big graph or template fill is decoded in a worker
         thread, so the event loop keeps serving other connections meanwhile."""
         t0 = time.perf_counter()
         out = await trio.to_thread.run_sync(self._prepare, msg) if self._heavy(msg) else self._prepare(msg)
-        self.server.stats["plan_seconds"] += time.perf_counter() - t0
+        self.server.stats["read_seconds"] += time.perf_counter() - t0
         return out
 
     def _heavy(self, msg: Message) -> bool:
-        bufs, plan = msg.buffers, msg.get("plan")
-        if plan == "graph":
+        bufs = msg.buffers
+        if msg["graph"] == "bytes":
             return bool(bufs) and isinstance(bufs[0], memoryview) and len(bufs[0]) > HEAVY_BYTES
-        slot = self.slots.get(msg.get("slot")) if type(msg.get("slot")) is int else None
+        slot = self.slots.get(msg.get("slot"))
         return slot is None or not slot.filled or ("fix" not in msg.fields and bool(bufs)
                                                    and len(bufs[0]) > HEAVY_FILLS)
 
     def _prepare(self, msg: Message) -> Decoded:
-        graph, n_plan = self._plan(msg)
+        graph, n_graph = self._graph(msg)
         schedule, layout = self._schedule(msg, graph)
         pool = self.server.pool
         if pool.limit is None:
-            return graph, n_plan, schedule, layout, 0
+            return graph, n_graph, schedule, layout, 0
         check_sizes(graph)
         consts = {n.args[0]: pool.nbytes(n.args[0]) for n in graph.nodes if n.op == CONST}
-        return graph, n_plan, schedule, layout, predict_peak(graph, consts).peak
+        return graph, n_graph, schedule, layout, predict_peak(graph, consts).peak
 
     def _schedule(self, msg: Message, graph: Graph) -> tuple[StageSchedule | None, list[list[int]] | None]:
-        """The run's stage schedule (sent whole and cached under its plan key, or named by key) and
-        its checked layout on ``graph``."""
+        """The run's stage schedule (sent whole and cached under its key, or named by key) and its
+        checked layout on ``graph``."""
         stages = msg.get("stages")
         if stages is None:
             return None, None
         if isinstance(stages, str):
-            schedule = self.server.plans.get(stages)
+            schedule = self.server.schedules.get(stages)
             if schedule is None:
-                raise MissingPlanError(stages)
+                raise MissingScheduleError(stages)
         else:
             schedule = StageSchedule.from_wire(stages)
         layout = schedule.check(graph)  # a cached schedule is checked too: another client may have sent it
-        self.server.plans[schedule.key] = schedule
+        self.server.schedules[schedule.key] = schedule
         return schedule, layout
 
-    def _plan(self, msg: Message) -> tuple[Graph, int]:
+    def _graph(self, msg: Message) -> tuple[Graph, int]:
         """The graph a run names, and how many leading buffers described it."""
-        plan = msg["plan"]
-        if plan == "graph":
+        form = msg["graph"]
+        if form == "bytes":
             if not msg.buffers or not isinstance(msg.buffers[0], memoryview):
-                raise RemoteProtocolError("run message: plan 'graph' needs the graph bytes first")
-            graph = _graph(msg.buffers[0], self.server.limits.max_nodes)
+                raise RemoteProtocolError("run message: graph 'bytes' needs the graph bytes first")
+            graph = _parse(msg.buffers[0], self.server.limits.max_nodes)
             if "slot" in msg.fields:
                 self._register(msg, graph)
             return graph, 1
-        if plan == "slot":
+        if form == "slot":
             return self._fill(msg)
-        raise RemoteProtocolError(f"run message: unknown plan {plan!r:.40}")
+        raise RemoteProtocolError(f"run message: graph must be 'bytes' or 'slot', not {form!r:.40}")
 
     def _register(self, msg: Message, graph: Graph) -> None:
         slot, check = msg["slot"], msg.get("check")
-        if type(slot) is not int or not 0 <= slot < self.server.limits.max_slots or type(check) is not str:
+        if not 0 <= slot < self.server.limits.max_slots or check is None:
             raise RemoteProtocolError("run message: bad slot registration")
         parts = split(graph)
         if parts is None or parts.digest != check:
@@ -130,21 +140,22 @@ class Decoder:
         if template is None:
             template = self.server.templates[parts.digest] = Template(parts.skeleton)
         graph.shared = template.shared
-        self.slots[slot] = Slot(template, parts.ints, parts.ints, parts.strs, graph, filled=False)
+        self.slots[slot] = RegisteredTemplate(template, parts.ints, parts.ints, parts.strs, graph,
+                                              filled=False)
 
     def _fill(self, msg: Message) -> tuple[Graph, int]:
         """The graph of a slot run, and how many buffers carried its corrections: none when they
         came in the header (``fix``, a few ints), else two vectors."""
-        slot = self.slots.get(msg["slot"]) if type(msg.get("slot")) is int else None
+        slot = self.slots.get(msg.get("slot"))
         if slot is None or msg.get("check") != slot.template.digest:
-            raise RemoteProtocolError("run message: unknown plan slot, or its template differs")
+            raise RemoteProtocolError("run message: unknown template slot, or its template differs")
         if "fix" in msg.fields:
-            n_plan = 0
+            n_graph = 0
             idx_a, vals_a = fix_lists(msg["fix"], len(slot.last))
         else:
-            n_plan = 2
+            n_graph = 2
             if len(msg.buffers) < 2:
-                raise RemoteProtocolError("run message: plan 'slot' needs its corrections")
+                raise RemoteProtocolError("run message: graph 'slot' needs its corrections")
             idx, vals = msg.buffers[0], msg.buffers[1]
             if not (isinstance(idx, torch.Tensor) and idx.dtype == torch.int32 and idx.dim() == 1
                     and isinstance(vals, torch.Tensor) and vals.dtype == torch.int64
@@ -153,21 +164,20 @@ class Decoder:
             idx_a, vals_a = idx.numpy(), vals.numpy()
         ints = apply(predict(slot.last, slot.prev), idx_a, vals_a)
         strs = list(slot.strs)
-        for pair in msg.get("strs", []):
-            if not (isinstance(pair, list) and len(pair) == 2 and type(pair[0]) is int
-                    and 0 <= pair[0] < len(strs) and isinstance(pair[1], str)):
-                raise RemoteProtocolError("run message: bad string correction")
-            strs[pair[0]] = pair[1]
+        for pos, text in msg.get("strs", []):
+            if not 0 <= pos < len(strs):
+                raise RemoteProtocolError("run message: string correction out of range")
+            strs[pos] = text
         if np.array_equal(ints, slot.last) and strs == slot.strs:
             graph = slot.graph
         else:
             graph = slot.template.fill(ints, strs)
         slot.prev, slot.last, slot.strs, slot.graph, slot.filled = slot.last, ints, strs, graph, True
-        self.server.stats["plan_cache_hits"] += 1
-        return graph, n_plan
+        self.server.stats["template_hits"] += 1
+        return graph, n_graph
 
 
-def _graph(data: memoryview, max_nodes: int) -> Graph:
+def _parse(data: memoryview, max_nodes: int) -> Graph:
     """The graph in ``data``, refused past ``max_nodes`` before the expensive part: its JSON parse
     holds the GIL, so even in a worker thread it stalls the event loop for as long as it takes.
     Each node record is a JSON list of about 100-200 bytes, so the header's ``[`` bytes bound the
