@@ -12,20 +12,33 @@ Token ids in, token ids out (no tokenizer: nothing is downloaded). The weights a
 (``build_model``), so a client can rebuild the same model and check the tokens. ``"stream": false``
 returns ``{"tokens": [...]}`` in one JSON body instead.
 
-How Genie is used: the model is moved to ``remote_accelerator:0`` once (its weights live on the Genie
-server: ``GENIE_SERVER=host:port``, or one this process starts itself), and its ``forward`` goes
-through ``genie.compile``, so a decode step is one replayed frame rather than hundreds of recorded
-ops. Each request owns a ``StaticCache`` that stays on the Genie server; only the chosen token comes
-back, through ``await genie.fetch(...)``, which never blocks the event loop. Every decode step of
-every request has the same shapes (the cache length is rounded up to a bucket), so all requests
-replay the same recording.
+How Genie is used (docs/serving.md has the rules this follows):
 
-``Generator.stream`` is the whole inference path; ``bench/serve.py`` drives it without HTTP.
+- The model is moved to ``remote_accelerator:0`` once: its weights live on the Genie server
+  (``GENIE_SERVER=host:port``, or one this process starts itself).
+- A request is two ``genie.compile``'d steps, ``prefill`` and ``decode``, each returning the next
+  token. Each is awaited through ``genie.call``: a step recorded before replays at once as one
+  frame; a new one records on a worker thread while the event loop serves other requests.
+- Each request owns a ``StaticCache`` that stays on the Genie server. Only the chosen token comes
+  back, through ``await genie.fetch(...)``, which never blocks the event loop either.
+- Shapes repeat, so steps replay: the cache length is rounded up to ``BUCKET`` and the prompt is
+  right-padded to a multiple of ``PROMPT_BUCKET``, so a prompt of any length shares its bucket's
+  recording.
+- ``Generator.warmup`` uploads the weights and records the common buckets before the first
+  request; then the startup heap is frozen (``freeze_startup_heap``), so that no garbage
+  collection of it stalls the loop.
+
+``Generator.stream`` is the whole inference path; ``bench/serve.py`` drives it without HTTP and
+blames any stall of the event loop on the phase named by ``PHASE``.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
+import contextvars
+import gc
 import json
 import os
 import socket
@@ -35,6 +48,7 @@ from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import anyio  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -43,7 +57,10 @@ import genie  # noqa: E402
 DEV = "remote_accelerator:0"
 SEED = 0
 BUCKET = 32  # cache lengths are rounded up to this: requests of similar sizes share one recording
+PROMPT_BUCKET = 8  # prompts are right-padded to a multiple of this: one prefill recording per bucket
 MAX_BODY = 1 << 16  # bytes of JSON a request may send
+# what the current request is doing; bench/serve.py names the phase in which the event loop stalled
+PHASE: contextvars.ContextVar[str] = contextvars.ContextVar("llm_server_phase", default="")
 
 
 # -- the model --------------------------------------------------------------------------------------
@@ -77,32 +94,59 @@ class BadRequest(ValueError):
     """The HTTP client's fault: a malformed or out-of-range request (answered with status 400)."""
 
 
-async def _fetch(t: torch.Tensor) -> torch.Tensor:
-    """The value of remote ``t`` on the CPU, awaited: the event loop keeps serving other requests."""
-    if t.device.type == "cpu":  # eager: still let other requests run between tokens
-        import anyio
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
 
-        await anyio.lowlevel.checkpoint()
-        return t
-    (v,) = await genie.fetch(t)
-    return v
+
+# -- the two steps of a request: genie.compile'd once per Generator, plain PyTorch on the CPU --------
+@torch.no_grad()  # no_grad inside the step: grad mode is per thread, and steps may record on another
+def prefill(model: nn.Module, ids: torch.Tensor, cache, last: torch.Tensor) -> torch.Tensor:
+    """The prompt, right-padded to a bucket, through ``model`` into ``cache``: the next token, (1, 1).
+
+    ``ids`` (1, P) and ``last`` (1,), the prompt's last position, are host tensors: they travel by
+    their bytes, so every prompt length of a bucket replays one recording. The padding after the
+    prompt never reaches its tokens (attention is causal), and each cache layer's write position is
+    set back to the prompt's end, so the decode steps overwrite the padding."""
+    dev = model.device
+    ids, last = ids.to(dev), last.to(dev)
+    # transformers reads a StaticCache's position on the host to pick a prefill's causal mask
+    # (``q_offset == 0``): a sync inside the step, which could not replay. This cache is empty.
+    cache.get_query_offset = lambda layer_idx=0: 0
+    try:
+        out = model(ids, cache=cache, use_cache=True)
+    finally:
+        del cache.get_query_offset
+    for layer in cache.layers:
+        layer.cumulative_length.copy_(last[0] + 1)
+    return out.logits.index_select(1, last).argmax(-1)
+
+
+@torch.no_grad()
+def decode(model: nn.Module, tok: torch.Tensor, cache) -> torch.Tensor:
+    """One token (1, 1) through ``model`` at the cache's position (which it advances): the next one.
+    The cache holds its position as a tensor, so every step has the same shapes and replays."""
+    out = model(tok, cache=cache, use_cache=True)
+    return out.logits[:, -1:].argmax(-1)
 
 
 class Generator:
     """One model, shared by every request; each request gets its own KV cache.
 
     ``device="cpu"`` runs the same code as plain eager PyTorch (``bench/serve.py`` compares the two).
-    Call it from the thread that built it: Genie records each thread's ops apart, and the weights
-    belong to this one's."""
+    Steps are awaited through ``genie.call``, which records on a worker thread on the calling
+    thread's behalf, so the event loop never waits for a recording."""
 
     def __init__(self, model: nn.Module, device: str = DEV) -> None:
         self.device = device
         self.model = model.requires_grad_(False).to(device)
-        if device != "cpu":
-            self.model.forward = genie.compile(self.model.forward)
+        remote = device != "cpu"
+        self.prefill = genie.compile(prefill) if remote else prefill
+        self.decode = genie.compile(decode) if remote else decode
         cfg = self.model.config
         self.vocab = cfg.vocab_size
         self.max_positions = getattr(cfg, "n_positions", None) or cfg.max_position_embeddings
+        self.heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
     def check(self, prompt_ids: Any, max_new_tokens: Any) -> tuple[list[int], int]:
         """The request's arguments, validated; ``BadRequest`` names what is wrong."""
@@ -116,31 +160,67 @@ class Generator:
                              f"model's {self.max_positions} positions")
         return prompt_ids, max_new_tokens
 
-    def _cache(self, length: int):
+    def new_cache(self, length: int):
+        """A ``StaticCache`` for ``length`` positions, rounded up to ``BUCKET``, its tensors made now:
+        a prefill that allocated them would leave new tensors in the cache, which cannot replay."""
         from transformers import StaticCache
 
-        return StaticCache(config=self.model.config,
-                           max_cache_len=min(-(-length // BUCKET) * BUCKET, self.max_positions))
+        cache = StaticCache(config=self.model.config,
+                            max_cache_len=min(_round_up(length, BUCKET), self.max_positions))
+        cache.early_initialization(batch_size=1, num_heads=self.heads, head_dim=self.head_dim,
+                                   dtype=self.model.dtype, device=torch.device(self.device))
+        for layer in cache.layers:  # made on the device, not uploaded: a recording cannot tell apart
+            layer.cumulative_length = torch.zeros_like(layer.cumulative_length)  # equal uploaded bytes
+        return cache
 
-    def _forward(self, ids: torch.Tensor, cache, start: int):
-        # no_grad around each call, never across an ``await``: grad mode is per thread, and other
-        # requests' steps run on this thread between this one's
-        with torch.no_grad():
-            return self.model(ids, cache=cache, use_cache=True,
-                              cache_position=torch.arange(start, start + ids.shape[1]).to(self.device))
+    async def _call(self, fn, *args):
+        """``fn(*args)`` without blocking the event loop on Genie: ``genie.call``. Eager runs it here
+        (the CPU computing is the wait), then lets other requests run."""
+        if self.device != "cpu":
+            return await genie.call(fn, *args)
+        out = fn(*args)
+        await anyio.lowlevel.checkpoint()
+        return out
 
     async def stream(self, prompt_ids: list[int], max_new_tokens: int) -> AsyncIterator[int]:
         """Greedy decoding: yields each new token id as soon as it is known."""
         n = len(prompt_ids)
-        cache = self._cache(n + max_new_tokens)
-        out = self._forward(torch.tensor([prompt_ids]).to(self.device), cache, 0)
+        PHASE.set("new request")
+        cache = await self._call(self.new_cache, n + max_new_tokens)
+        padded = min(_round_up(n, PROMPT_BUCKET), cache.get_max_length())
+        PHASE.set("prefill")
+        tok = await self._call(self.prefill, self.model, torch.tensor([prompt_ids + [0] * (padded - n)]),
+                               cache, torch.tensor([n - 1]))
         for i in range(max_new_tokens):
-            # (1, 1) already: the next step's input_ids, resident once fetched, with no view to run
-            with torch.no_grad():
-                tok = out.logits[:, -1:].argmax(-1)
+            PHASE.set("fetch")
             yield int(await _fetch(tok))
             if i + 1 < max_new_tokens:
-                out = self._forward(tok, cache, n + i)
+                PHASE.set("decode")
+                tok = await self._call(self.decode, self.model, tok, cache)
+
+    async def warmup(self, prompts: tuple[int, ...] = (PROMPT_BUCKET, 2 * PROMPT_BUCKET),
+                     lengths: tuple[int, ...] = (BUCKET, 2 * BUCKET)) -> None:
+        """Upload the weights and record the prefill of each prompt bucket in ``prompts`` into a
+        cache of each length in ``lengths``, and the decode step of each, before the first request.
+        Any other bucket records on first use, on a worker thread: later, but never blocking the
+        event loop."""
+        for length in lengths:
+            for n in prompts:
+                if n < min(length, self.max_positions):
+                    tokens = self.stream([1] * n, min(length, self.max_positions) - n)
+                    async with contextlib.aclosing(tokens):
+                        async for _ in tokens:  # the prefill's token, then one decode step's
+                            break
+                        async for _ in tokens:
+                            break
+
+
+async def _fetch(t: torch.Tensor) -> torch.Tensor:
+    """The value of remote ``t`` on the CPU, awaited: the event loop keeps serving other requests."""
+    if t.device.type == "cpu":
+        return t
+    (v,) = await genie.fetch(t)
+    return v
 
 
 # -- HTTP -------------------------------------------------------------------------------------------
@@ -231,9 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
 
     gen = Generator(build_model(args.model, args.size))
-    # uploads the weights and records the decode step before the first request, not during it
-    warm_ids = [1, 2, 3]
-    _run_until_done(args.loop, lambda: _drain(gen.stream(warm_ids, 3)))
+    _run_until_done(args.loop, gen.warmup)  # the weights up, the common steps recorded
+    freeze_startup_heap()
     app = create_app(gen)
     sock = socket.create_server((args.host, args.port))
     host, port = sock.getsockname()[:2]
@@ -243,9 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _drain(tokens: AsyncIterator[int]) -> None:
-    async for _ in tokens:
-        pass
+def freeze_startup_heap() -> None:
+    """Move everything made so far (torch, transformers, the model, Genie's recordings: some 380,000
+    objects) out of the garbage collector's sight. A full collection of them holds the GIL for about
+    200 ms, whichever thread runs it, and so stalls the event loop; frozen, it takes about 2 ms.
+    (Unfrozen at exit, so that the interpreter's last collection still finds them.)"""
+    gc.collect()
+    gc.freeze()
+    atexit.register(gc.unfreeze)
 
 
 def _run_until_done(loop: str, afn) -> None:

@@ -23,13 +23,15 @@ import genie
 from genie.runtime import _backend as backend_module
 from genie.runtime import set_backend
 from genie.runtime._remote import RemoteBackend
+from genie.transport import VERSION, Message, Protocol
 
 _LISTENING = re.compile(rb"genie serve listening on (\S+):(\d+)")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class ServerProcess:
-    """One ``python -m genie serve`` child; ``kill``, ``stop`` (SIGSTOP) and ``restart`` it."""
+    """One ``python -m genie serve`` child, in a process group of its own with its zygote and tenant
+    workers; ``kill``, ``pause`` (SIGSTOP) and ``restart`` act on the whole group."""
 
     def __init__(self, *args: str, token: str | None = None, port: int = 0) -> None:
         self.args = args
@@ -47,14 +49,15 @@ class ServerProcess:
         env.pop("GENIE_SERVER", None)
         cmd = [sys.executable, "-m", "genie", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                "--device", "cpu", *self.args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                     start_new_session=True)
         line: list[bytes] = []
         reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
         reader.start()
         reader.join(60)
         m = _LISTENING.search(line[0]) if line else None
         if m is None:
-            self.proc.kill()
+            self._signal(signal.SIGKILL)
             raise RuntimeError(f"genie serve did not start: {self.proc.stderr.read().decode()[-2000:]}")
         self.port = int(m.group(2))
         # drain stderr so a chatty server never blocks on a full pipe; keep its tail for failures
@@ -70,14 +73,29 @@ class ServerProcess:
     def stderr_tail(self) -> str:
         return self._stderr.decode(errors="replace")[-4000:]
 
+    def _signal(self, sig: int) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+            self._signal(signal.SIGKILL)
             self.proc.wait()
 
     def pause(self) -> None:
+        self._signal(signal.SIGSTOP)
+
+    def pids(self) -> list[int]:
+        """The front process, its zygote and its tenant workers (the process group)."""
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
+        out = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError, ValueError):
+                    if os.getpgid(int(entry)) == self.proc.pid:
+                        out.append(int(entry))
+        return out
 
     def restart(self) -> None:
         """Kill, then start again on the same port (clients reconnect to the same address)."""
@@ -187,3 +205,25 @@ def stats_delta(before: dict, after: dict) -> dict:
 __all__ = ["ServerProcess", "any_backend", "check_served", "genie", "raw_connection",
            "read_until_closed", "remote", "server",
            "serving", "stats_delta", "using"]
+
+
+def handshake(srv: ServerProcess) -> tuple[socket.socket, Protocol]:
+    """A raw socket past the hello (the welcome read), and the client protocol state that goes
+    with it: for tests that speak the protocol by hand."""
+    s = raw_connection(srv)
+    p = Protocol("client")
+    s.sendall(p.send_bytes(Message("hello", {"version": VERSION, "token": srv.token})))
+    assert reply(s, p).kind == "welcome"
+    return s, p
+
+
+def reply(s: socket.socket, p: Protocol, timeout: float = 60) -> Message:
+    """The next message on a raw connection (fails if the server closes it first)."""
+    s.settimeout(timeout)
+    while True:
+        ev = p.next_event()
+        if isinstance(ev, Message):
+            return ev
+        data = s.recv(1 << 20)
+        assert data, "the server closed the connection"
+        p.receive_data(data)

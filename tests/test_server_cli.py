@@ -43,7 +43,8 @@ EMBEDDED = textwrap.dedent("""
     x = torch.arange(6.0).reshape(2, 3).to("remote_accelerator:0")
     y = (x * 2 + 1).sum().item()
     b = backend()
-    print(json.dumps({"y": y, "pid": b._embedded.proc.pid, "connections": genie.stats()["connections"]}))
+    print(json.dumps({"y": y, "pids": [b._embedded.proc.pid, b.server_stats()["pid"]],
+                      "connections": genie.stats()["connections"]}))
 """)
 
 
@@ -54,14 +55,23 @@ def test_embedded_server_starts_on_first_use_and_stops_at_exit():
                          check=True)
     result = json.loads(out.stdout.decode().strip().splitlines()[-1])
     assert result["y"] == 36.0 and result["connections"] == 1
+    front, worker = result["pids"]
+    assert front != worker  # the program ran in the tenant's worker process
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        try:
-            os.kill(result["pid"], 0)
-        except ProcessLookupError:
+        if not any(_alive(pid) for pid in (front, worker)):
             return
         time.sleep(0.1)
-    pytest.fail("the embedded genie server outlived its parent")
+    pytest.fail("the embedded genie server (or its worker) outlived its parent")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is gone for our purposes
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_inprocess_debug_backend():

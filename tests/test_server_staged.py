@@ -103,16 +103,17 @@ async def test_trace_has_client_and_server_processes(remote, tmp_path):
     assert "stage 0" in prof.summary(print_=False)
 
 
-def test_the_server_caches_stage_schedules_under_the_plan_key(server, remote):
-    """A schedule sent once is named by its plan key afterwards, by any connection."""
+def test_the_server_caches_stage_schedules_under_their_content_key(server, remote):
+    """A schedule sent once is named by its key (its content's digest) afterwards, by any connection."""
     x, big = torch.randn(32, 32), torch.randn(512, 512)
     graph = genie.trace(two_phase, x, big)
     plan = genie.semantic.run_scheduler().schedule(graph)  # the plan execute runs
     trio.run(genie.execute, graph, x, big)
-    assert plan.key in remote._session.schedules
+    key = plan.stage_schedule().key
+    assert key in remote._session.schedules
     s, p = _handshake(server)  # another connection, naming the schedule by key alone
     try:
-        msg = _staged_run(plan.graph, plan.key, inputs=2, fetch=[0, 1])
+        msg = _staged_run(plan.graph, key, inputs=2, fetch=[0, 1])
         msg.buffers += [x, big]
         s.sendall(p.send_bytes(msg))
         parts = []
@@ -238,7 +239,7 @@ def test_stage_schedule_checks_what_it_is_given():
     with pytest.raises(genie.ProtocolError):
         StageSchedule.from_wire({"key": 1, "starts": [], "ready": []})
     with pytest.raises(genie.ProtocolError, match="first computation"):
-        StageSchedule("k", (), good.ready).check(graph)
+        StageSchedule((), good.ready).check(graph)
 
     def write_after(x):  # the output is written again in a later stage
         y = torch.relu(x)
@@ -250,8 +251,8 @@ def test_stage_schedule_checks_what_it_is_given():
     computes = [n.id for n in g.nodes if n.op not in ("genie.input", "genie.const")]
     adder = next(n.id for n in g.nodes if n.op.startswith("aten.add_"))
     with pytest.raises(genie.ProtocolError, match="last writer"):
-        StageSchedule("k", (computes[0], adder), (0,)).check(g)
-    StageSchedule("k", (computes[0], adder), (1,)).check(g)
+        StageSchedule((computes[0], adder), (0,)).check(g)
+    StageSchedule((computes[0], adder), (1,)).check(g)
 
 
 async def test_in_process_backend_runs_the_same_stages():

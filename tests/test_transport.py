@@ -6,6 +6,7 @@ import json
 import random
 import struct
 
+import numpy as np
 import pytest
 import torch
 
@@ -255,3 +256,19 @@ def test_no_pickle_on_the_wire():
     head = data[PREFIX.size : PREFIX.size + struct.unpack_from("<I", data, 4)[0]]
     json.loads(head)  # the header is JSON
     assert b"\x80\x04" not in head and b"\x80\x05" not in head
+
+
+def test_receive_blocks_come_back_for_reuse_without_a_lock_in_the_finalizer():
+    import gc
+
+    from genie.transport import BufferPool
+
+    pool = BufferPool(max_cached=64 << 20)
+    first = pool.allocate(4 << 20)
+    addr = np.frombuffer(first, np.uint8).ctypes.data
+    del first
+    gc.collect()
+    assert pool.cached == 0  # returned, but filed only by the next allocate (no lock taken meanwhile)
+    again = pool.allocate(4 << 20)
+    assert np.frombuffer(again, np.uint8).ctypes.data == addr  # the same block, reused
+    assert pool.cached == 0

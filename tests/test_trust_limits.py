@@ -4,14 +4,13 @@ big messages and idle connections. Each breaks nothing but the offender's own re
 from __future__ import annotations
 
 import dataclasses
-import socket
 import threading
 import time
 
 import _server_fixtures as fx
 import pytest
 import torch
-from _server_fixtures import check_served, raw_connection, read_until_closed, serving, using
+from _server_fixtures import check_served, handshake, raw_connection, read_until_closed, reply, serving, using
 
 import genie
 from genie.graph import Graph, Node, Ref, TensorMeta
@@ -22,29 +21,18 @@ from genie.transport._protocol import MAGIC, MESSAGES, PREFIX, VERSION
 server = fx.server  # fixture, by name
 
 
-def handshake(srv) -> tuple[socket.socket, Protocol]:
-    s = raw_connection(srv)
-    p = Protocol("client")
-    s.sendall(p.send_bytes(Message("hello", {"version": VERSION, "token": srv.token})))
-    assert reply(s, p).kind == "welcome"
-    return s, p
 
 
-def reply(s: socket.socket, p: Protocol, timeout: float = 30) -> Message:
-    s.settimeout(timeout)
-    while True:
-        ev = p.next_event()
-        if isinstance(ev, Message):
-            return ev
-        data = s.recv(65536)
-        assert data, "the server closed the connection"
-        p.receive_data(data)
 
 
 
 def rss(srv) -> int:
-    with open(f"/proc/{srv.proc.pid}/status") as f:
-        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+    """The largest resident set among the server's processes (its tenant worker holds the data)."""
+    def one(pid: int) -> int:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:")), 0)
+
+    return max(one(pid) for pid in srv.pids())
 
 
 # -- 5. memory: every run's peak is predicted and reserved; frames are admitted at their header ------
@@ -245,12 +233,16 @@ def test_an_idle_connection_is_closed_and_the_client_reconnects():
             b.close()
 
 
-def test_connections_past_the_limit_are_closed_at_once():
+def test_connections_past_the_limit_are_refused_at_their_hello():
     with serving("--max-connections", "2") as srv:
         held = [handshake(srv)[0] for _ in range(2)]
         try:
             extra = raw_connection(srv)
-            assert read_until_closed(extra) == b""  # closed before any greeting
+            p = Protocol("client")
+            extra.sendall(p.send_bytes(Message("hello", {"version": VERSION, "token": srv.token})))
+            refusal = reply(extra, p)  # said why, then closed; no worker ever saw it
+            assert refusal.kind == "error" and "--max-connections" in refusal["message"], refusal.fields
+            assert read_until_closed(extra) == b""
             extra.close()
         finally:
             for s in held:

@@ -338,7 +338,11 @@ def test_every_error_kind_round_trips_through_the_wire(exc, typ):
 
 def test_error_kinds_are_one_table():
     kinds = {k for _, k in ERROR_KINDS}
-    assert kinds == {"missing", "memory", "unsupported", "cancelled", "auth", "protocol", "execution"}
+    assert kinds == {"missing", "memory", "unsupported", "weights", "cancelled", "auth", "protocol",
+                     "execution"}
+    for exc in (genie.WeightsError("w"), MemoryError("m"), genie.RemoteMemoryError("r")):  # round trip
+        assert type(error_from_message(error_message(1, exc))) is (
+            genie.RemoteMemoryError if isinstance(exc, MemoryError) else type(exc))
     assert ERROR_KINDS[-1] == (Exception, "execution")  # the catch-all comes last
     bad = error_from_message(Message("error", {"id": 1, "kind": "surprise", "message": "?"}))
     assert isinstance(bad, ProtocolError) and "surprise" in str(bad)

@@ -277,3 +277,16 @@ def test_a_kept_view_of_a_weight_written_in_place_does_not_reach_other_clients(s
         torch.testing.assert_close(v.cpu(), make_view(w) + 100)
     with fx.using(RemoteBackend(server.address, server.token)):
         torch.testing.assert_close((w.to(DEV) * 1).cpu(), w)  # the same bytes: the shared weight
+
+
+def test_laying_out_a_view_of_a_constant_never_touches_the_constant(server):
+    """A slice of an uploaded constant whose declared strides differ from the server's only in a
+    dimension of size 1 is given the declared layout as a new view: the constant itself (every
+    client's) is not changed in place, so the run neither fails the version check nor drops it."""
+    with fx.using(RemoteBackend(server.address, server.token)) as b:
+        host = torch.arange(64.0).reshape(4, 16)[:1, :8]  # strides (16, 1) on a [1, 8]
+        x = host.to("remote_accelerator:0")
+        for _ in range(2):  # the second run still finds the constant where the first left it
+            got = (x[:, 2:6] * 2 + x[:, :4]).cpu()
+            torch.testing.assert_close(got, host[:, 2:6] * 2 + host[:, :4])
+        assert b.server_stats().get("evictions", 0) == 0

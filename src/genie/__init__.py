@@ -2,6 +2,7 @@
 
 from genie._errors import (
     AuthenticationError,
+    CleartextTokenError,
     ConnectionLostError,
     GenieError,
     LocalProtocolError,
@@ -10,12 +11,24 @@ from genie._errors import (
     RemoteMemoryError,
     RemoteProtocolError,
     UnsupportedOpError,
+    WeightsError,
 )
 from genie._profile import profile
 from genie._setup import setup as _setup
 from genie._setup import stats
 from genie.graph import Graph
-from genie.lazy import LazyTensor, capture, compile, execute, fetch, get_graph, trace
+from genie.lazy import (
+    LazyTensor,
+    call,
+    capture,
+    compile,
+    execute,
+    fetch,
+    get_graph,
+    init_meta_buffers,
+    remote_state_dict,
+    trace,
+)
 from genie.runtime import connect
 from genie.semantic import (
     ExecutionPlan,
@@ -31,11 +44,10 @@ from genie.semantic import (
 _setup()
 
 __all__ = [
-    "AuthenticationError", "ConnectionLostError", "GenieError", "Graph", "LazyTensor",
+    "AuthenticationError", "CleartextTokenError", "ConnectionLostError", "GenieError", "Graph", "LazyTensor",
     "LocalProtocolError", "ProtocolError", "RemoteExecutionError", "RemoteMemoryError",
-    "RemoteProtocolError", "UnsupportedOpError", "capture", "compile", "connect", "execute", "fetch",
-    "get_graph",
-    "stats", "trace",
+    "RemoteProtocolError", "UnsupportedOpError", "WeightsError", "call", "capture", "compile", "connect",
+    "execute", "fetch", "get_graph", "init_meta_buffers", "remote_state_dict", "stats", "trace",
     "ExecutionPlan", "PatternRegistry", "Scheduler", "SemanticAnalyzer", "WorkloadProfile", "WorkloadType",
     "analyze", "profile", "schedule",
 ]

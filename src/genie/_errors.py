@@ -52,5 +52,17 @@ class AuthenticationError(GenieError):
     """The server refused the token: the client's configuration is at fault."""
 
 
+class CleartextTokenError(GenieError, ValueError):
+    """This process was asked to send a token without TLS to a server on another machine, where
+    anyone on the path could read it: the client's configuration is at fault (use TLS, or say
+    ``insecure=True`` for a trusted network)."""
+
+
 class RemoteMemoryError(GenieError):
     """The server cannot fit the data within its memory limit, even after evicting what it may."""
+
+
+class WeightsError(GenieError):
+    """A weights-store request was refused: the name is not a checkpoint in the server's store
+    (``genie serve --weights DIR``), or the server has no store, or the file there lies about its
+    contents. The message repeats the name asked for and says whose it is to fix."""

@@ -32,9 +32,17 @@ def _in_process_executor(device: torch.device) -> Executor:
     return InProcessExecutor(device)
 
 
-def stats() -> dict:
-    """Bytes sent/received, round trips, uploads skipped and plan-cache hits of this process."""
-    d = backend().stats.as_dict()
+def stats(*, server: bool = False) -> dict:
+    """This process's counters: bytes sent/received, round trips, uploads skipped, template hits,
+    shape-cache hits. ``server=True`` adds the server's own (for this tenant: constants held, bytes
+    loaded from its weights store, ...) under ``server.`` keys, at the cost of one round trip."""
+    b = backend()
+    d = b.stats.as_dict()
     d["shape_cache_hits"] = SHAPES.hits
     d["shape_cache_misses"] = SHAPES.misses
+    if server:
+        ask = getattr(b, "server_stats", None)
+        if ask is None:
+            raise NotImplementedError("genie.stats(server=True): the in-process backend has no server")
+        d.update({f"server.{k}": v for k, v in ask().items()})
     return d

@@ -51,9 +51,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=7070, help="TCP port; 0 picks a free one and prints it")
     p.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 if there is one)")
-    p.add_argument("--token", default=os.environ.get("GENIE_TOKEN"),
-                   help="clients must present this token (default: $GENIE_TOKEN; none: no check, and "
-                        "then only a loopback --host is allowed)")
+    p.add_argument("--token", default=None,
+                   help="clients must present this token: one tenant (default: $GENIE_TOKEN unless "
+                        "--tokens is given; none: no check, and then only a loopback --host is allowed)")
+    p.add_argument("--tokens", default=None, metavar="FILE",
+                   help="one 'tenant:token' per line: each tenant's programs run in a worker process "
+                        "of its own; re-read on SIGHUP")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --host without a token (any client who can reach it)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS only")
@@ -63,6 +66,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
             default = "none" if lim.default is None else lim.default
             p.add_argument(lim.flag, dest=name, type=_LIMIT_TYPES[lim.unit], default=None,
                            help=f"{lim.help} (default {default})")
+    p.add_argument("--ops", choices=("vetted", "all"), default="vetted",
+                   help="vetted (default): only the ops real models use, with their index arguments checked; "
+                        "all: every aten/prims op of this torch, for trusted clients only (a hostile one can "
+                        "crash or read other clients' memory)")
+    p.add_argument("--weights", default=None, metavar="DIR",
+                   help="a read-only store of .safetensors files that clients bind by name "
+                        "(genie.remote_state_dict) and that answers their uploads by digest")
     p.add_argument("--verbose", action="store_true", help="log connections and protocol errors")
     p.add_argument("--exit-on-stdin-eof", action="store_true", help=argparse.SUPPRESS)
 
@@ -75,13 +85,38 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"genie serve: --device must be cpu or cuda:N, not {args.device!r}", file=sys.stderr)
         return 2
     limits = Limits().replace(**{k: getattr(args, k) for k in LIMITS if hasattr(args, k)})
+    if args.ops == "all":
+        print("genie serve: WARNING: --ops all: every aten/prims op runs, unvetted; a client can crash this "
+              "server or read other clients' memory with one. Serve trusted clients only", file=sys.stderr,
+              flush=True)
     try:
-        run_server(Config(host=args.host, port=args.port, device=args.device, token=args.token, limits=limits,
+        token = args.token if args.token is not None or args.tokens else os.environ.get("GENIE_TOKEN")
+        run_server(Config(host=args.host, port=args.port, device=args.device, token=token, limits=limits,
                           exit_on_stdin_eof=args.exit_on_stdin_eof, verbose=args.verbose,
-                          tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure))
+                          tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure,
+                          tokens_file=args.tokens, ops=args.ops, weights=args.weights))
     except ConfigError as e:
         print(f"genie serve: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+# -- weights ------------------------------------------------------------------------------------------
+def _weights_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("index",), help="index: build or refresh every file's sidecar index")
+    p.add_argument("dir", help="the weights store (what genie serve --weights takes)")
+
+
+def _weights(args: argparse.Namespace) -> int:
+    from genie._errors import WeightsError
+    from genie.server import WeightStore
+
+    try:
+        n = WeightStore(args.dir).index_all()
+    except WeightsError as e:
+        print(f"genie weights: {e}", file=sys.stderr)
+        return 2
+    print(f"genie weights: {n} tensors indexed in {args.dir}")
     return 0
 
 
@@ -105,6 +140,8 @@ def _has_demo() -> bool:
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], int], Callable[[], bool]]] = {
     "serve": ("run a Genie accelerator server", _serve_args, _serve, lambda: True),
+    "weights": ("index a weights store offline (genie weights index DIR)", _weights_args, _weights,
+                lambda: True),
     "demo": ("run a small GPT-2 through Genie and print a report", _demo_args, _demo, _has_demo),
 }
 

@@ -10,17 +10,24 @@ holds every aten and prims overload the dispatcher knows, minus the ones that re
 - ``REFUSED_OPS``: process-global state (printing, the cuFFT plan cache, the autograd engine).
 
 Genie's fused ops come from a table the caller gives (``genie.kernels.FUSED_OPS``).
+
+A server also runs only the vetted ops by default (``genie serve --ops vetted``): ``_vetted.VETTED``,
+the ops real models use, each with why it may run (an op that takes indices into another tensor is
+there only with a bounds check on the server). ``check_vetted`` refuses a graph with any other op,
+naming it and why (``NOT_VETTED`` for the notable ones); ``--ops all`` lifts that for a trusted
+deployment, back to the registry minus the refusals above.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import cache
 
 import torch
 
-from genie._errors import UnsupportedOpError
+from genie._errors import ProtocolError, UnsupportedOpError
+from genie.graph._vetted import REASONS, VETTED
 
 ALLOWED_NAMESPACES = ("aten", "prims")
 
@@ -63,6 +70,87 @@ REFUSED_OPS: dict[str, str] = {
     "aten.get_gradients.default": "reads the process's distributed autograd contexts",
     "aten._backward.default": "runs the autograd engine, which writes .grad of shared tensors",
 }
+
+
+# Ops off the vetted list that someone may look for; op packet prefix -> why. Every other op off the
+# list is there for the default reason: no model in the zoo it was derived from uses it.
+NOT_VETTED: dict[str, str] = {
+    "aten._sparse_": "builds a sparse tensor from indices it does not check (sparse layouts have no wire "
+                     "form either)",
+    "aten.sparse_": "builds a sparse tensor from indices it does not check (sparse layouts have no wire "
+                    "form either)",
+    "aten._to_sparse": "makes a sparse tensor, whose index tensors a later op can rewrite unchecked",
+    "aten.to_sparse": "makes a sparse tensor, whose index tensors a later op can rewrite unchecked",
+    "aten._indices": "exposes a sparse tensor's indices for writing",
+    "aten._values": "exposes a sparse tensor's values",
+    "aten._nested_": "builds a nested tensor from offsets and sizes it does not check",
+    "aten.nested_": "builds a nested tensor from offsets and sizes it does not check",
+    "aten.max_unpool": "scatters to indices it does not check, and no model in the zoo uses it",
+    "aten._unsafe_index": "indexes without bounds checks by design (a compiler's decomposition)",
+    "aten._unsafe_masked_index": "indexes without bounds checks by design (a compiler's decomposition)",
+    "aten.mkldnn_": "a CPU backend's internal kernel: clients send the generic op, and its integer "
+                    "arguments are trusted to match its weights",
+    "aten._pad_packed_sequence": "trusts its batch_sizes to describe the data",
+    "aten.lstm.data": "trusts its batch_sizes to describe the data (packed sequences)",
+    "aten.gru.data": "trusts its batch_sizes to describe the data (packed sequences)",
+    "aten.rnn_tanh.data": "trusts its batch_sizes to describe the data (packed sequences)",
+    "aten.rnn_relu.data": "trusts its batch_sizes to describe the data (packed sequences)",
+    "aten.set_.source_Storage": "adopts arbitrary memory",
+}
+
+
+# enum argument types torch also binds from a plain int, unchecked (``memory_format=-1`` runs, and
+# corrupts the process): on the wire such an argument is its tagged value or None, nothing else
+ENUM_TYPES: dict[str, type] = {"ScalarType": torch.dtype, "Layout": torch.layout,
+                               "MemoryFormat": torch.memory_format}
+
+
+@cache
+def enum_args(name: str) -> tuple[tuple[int, str, type], ...]:
+    """(position, name, Python type) of each enum-typed argument of registry op ``name``."""
+    out = []
+    for i, a in enumerate(overload(registry()[name])._schema.arguments):
+        kind = str(a.real_type).removeprefix("Optional[").removesuffix("]")
+        if kind in ENUM_TYPES:
+            out.append((i, a.name, ENUM_TYPES[kind]))
+    return tuple(out)
+
+
+def check_enum_args(name: str, args: tuple, kwargs: Mapping) -> None:
+    """ProtocolError unless each dtype, layout or memory-format argument of op ``name`` (a registry
+    name; others are left to ``check_op``) is one, or None."""
+    if name not in registry():
+        return
+    for pos, arg, kind in enum_args(name):
+        v = args[pos] if pos < len(args) else kwargs.get(arg)
+        if v is not None and type(v) is not kind:
+            raise ProtocolError(f"{name}: argument {arg!r} must be a {kind.__module__}.{kind.__name__}, "
+                                f"not {type(v).__name__} {v!r:.40}")
+
+
+def vetted_refusal(name: str) -> str | None:
+    """Why op ``name`` may not run on a server that runs vetted ops only, or None when it may."""
+    if name.startswith("genie.") or name in VETTED:
+        return None
+    why = next((w for prefix, w in NOT_VETTED.items() if name.startswith(prefix)), None)
+    why = why or "no model in the zoo the list was derived from uses it"
+    return (f"not among the ops this server runs ({why}); the server runs the ops real models use, each "
+            "with checked arguments, unless its operator started it with `genie serve --ops all` (a "
+            "trusted deployment)")
+
+
+def vetted_reason(name: str) -> str | None:
+    """Why vetted op ``name`` may run (its group's reason), or None when it is not vetted."""
+    group = VETTED.get(name)
+    return None if group is None else REASONS[group]
+
+
+def check_vetted(ops: Iterable[str]) -> None:
+    """UnsupportedOpError naming the first of ``ops`` off the vetted list, and why."""
+    for name in sorted(set(ops)):
+        why = vetted_refusal(name)
+        if why is not None:
+            raise UnsupportedOpError(name, why)
 
 
 @cache

@@ -8,11 +8,19 @@ stage after which ``graph.outputs[i]`` is final (its last writer has run), so it
 then.
 
 The scheduler (genie.semantic) makes one; the server checks one it receives against its graph.
+
+A schedule's ``key`` is a digest of its content, computed by this same code on both sides. Executors
+cache schedules under it (a run names a schedule sent before by its key), so a key can only ever name
+one content: no client can make another client's key mean a different schedule. The ``key`` in a
+received wire form is ignored: the receiver computes its own.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from functools import cached_property
 
 from genie._errors import ProtocolError
 from genie.graph._ir import SOURCE_OPS, Graph
@@ -20,20 +28,26 @@ from genie.graph._ir import SOURCE_OPS, Graph
 
 @dataclass(frozen=True)
 class StageSchedule:
-    key: str  # the plan key it came from: executors cache schedules under it
     starts: tuple[int, ...]  # first compute node id of each stage, increasing
     ready: tuple[int, ...]  # per graph output: the stage after which it is final
+
+    @cached_property
+    def key(self) -> str:
+        """The digest of this schedule's content: what executors cache it under."""
+        body = json.dumps([list(self.starts), list(self.ready)], separators=(",", ":")).encode()
+        return hashlib.blake2b(body, digest_size=16, person=b"genie-stages").hexdigest()
 
     def to_wire(self) -> dict:
         return {"key": self.key, "starts": list(self.starts), "ready": list(self.ready)}
 
     @classmethod
     def from_wire(cls, d: object) -> StageSchedule:
-        if not (isinstance(d, dict) and isinstance(d.get("key"), str)
+        """The schedule in ``d``. Its ``key`` is recomputed from the content, never taken as sent."""
+        if not (isinstance(d, dict) and isinstance(d.get("key", ""), str)
                 and all(isinstance(d.get(f), list) and all(type(x) is int for x in d[f])
                         for f in ("starts", "ready"))):
             raise ProtocolError("stage schedule must be {key: str, starts: [int], ready: [int]}")
-        return cls(d["key"], tuple(d["starts"]), tuple(d["ready"]))
+        return cls(tuple(d["starts"]), tuple(d["ready"]))  # a sent key is the sender's word: unused
 
     @property
     def n_stages(self) -> int:

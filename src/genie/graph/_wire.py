@@ -24,7 +24,7 @@ import torch
 from genie._dtypes import DTYPE_NAMES, DTYPES
 from genie._errors import LocalProtocolError, ProtocolError
 from genie.graph._ir import CONST, Graph, Node, Ref, TensorMeta
-from genie.graph._ops import check_op
+from genie.graph._ops import check_enum_args, check_op
 
 MAGIC = b"GNG1"
 _ENUM_TAG = {torch.dtype: "dt", torch.memory_format: "mf", torch.layout: "ly"}
@@ -231,9 +231,11 @@ def node_from_record(i: int, rec: Any) -> Node:
     """Node ``i`` from its decoded JSON record; TypeError, ValueError or ProtocolError if malformed."""
     op, args, kwargs, outs, multi, storages, writes, *rest = rec
     module, seed = rest if rest else ("", None)
-    return Node(i, str(op), tuple(decode_value(args)), {k: decode_value(v) for k, v in kwargs.items()},
+    node = Node(i, str(op), tuple(decode_value(args)), {k: decode_value(v) for k, v in kwargs.items()},
                 tuple(decode_meta(m) for m in outs), bool(multi), tuple(storages), tuple(writes),
                 module, seed)
+    check_enum_args(node.op, node.args, node.kwargs)  # torch would bind a bare int there, unchecked
+    return node
 
 
 def encode_structure(g: Graph) -> bytes:

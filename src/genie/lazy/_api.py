@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
-from genie.graph import Graph
+from genie.graph import CONST, INPUT, RESIDENT, Graph
 from genie.lazy._lazy import LazyTensor, capture_stack, dispatch, module_stack, wrap
 from genie.lazy._recorder import Recorder
 
@@ -124,6 +124,12 @@ def get_graph() -> Graph:
     if last is None:
         raise RuntimeError("genie.get_graph(): no capture has finished in this thread")
     rec, outputs, graph = last
+    if not outputs:
+        ops = sum(n.op not in (CONST, INPUT, RESIDENT) for n in rec.history or ())
+        raise RuntimeError(
+            f"genie.get_graph(): the last capture recorded {ops} op(s) but has no output: no tensor "
+            "it computed was still referenced when its block ended. Bind the result inside the block "
+            "(out = model(x)), or use genie.trace(fn, *inputs), whose outputs are what fn returns")
     if graph is None:
         graph = rec.graph(outputs)
         _tls.last = (rec, outputs, graph)

@@ -1,22 +1,31 @@
-"""``await genie.fetch(*tensors)`` and ``await genie.execute(graph, *inputs, fetch=...)``.
+"""``await genie.fetch(*tensors)``, ``await genie.execute(graph, *inputs, fetch=...)`` and
+``await genie.call(fn, *args)``.
 
-Both await from trio or asyncio (the runtime's bridge tells them apart with sniffio) and never block
-the event loop on the network: what is still pending is submitted (``Recorder.flush(wait=False)``),
+All three await from trio or asyncio (the runtime's bridge tells them apart with sniffio) and never
+block the event loop on the network: what is still pending is submitted (``Recorder.flush(wait=False)``),
 then the values are asked for all at once, so many fetches from many tasks share the one connection
-concurrently. Cancelling a call stops its work in the background loop; the values stay where they
-were (a fetch moves nothing it was not asked for).
+concurrently. Cancelling a fetch or execute stops its work in the background loop; the values stay
+where they were (a fetch moves nothing it was not asked for).
+
+Nor do they block the loop on the recorder: another task's ``genie.call`` may hold it on a worker
+thread for as long as a recording takes, so what needs it and finds it taken moves to a thread.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from genie._errors import GenieError
 from genie.graph import CONST, INPUT, RESIDENT, Graph, Ref
+from genie.lazy import _lazy
+from genie.lazy._compile import Compiled
 from genie.lazy._device import DEVICE_TYPE
 from genie.lazy._lazy import LazyTensor, current_recorder
-from genie.lazy._recorder import FAILED
-from genie.runtime import backend, execute_graph, submit_graph
+from genie.lazy._recorder import FAILED, Recorder
+from genie.runtime import backend, execute_graph, in_thread, submit_graph
 
 
 async def fetch(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -29,8 +38,7 @@ async def fetch(*tensors: torch.Tensor) -> list[torch.Tensor]:
     out: list[torch.Tensor | None] = [t.detach() if not isinstance(t, LazyTensor) else None for t in tensors]
     lazies = [(i, t) for i, t in enumerate(tensors) if isinstance(t, LazyTensor)]
     handles: list[tuple[int, int]] = []  # (position, handle)
-    for _, t in lazies:
-        _resident(t)
+    await _without_blocking(_residents, [t for _, t in lazies])
     for i, t in lazies:
         node = t._node
         if node.op == FAILED:
@@ -44,6 +52,30 @@ async def fetch(*tensors: torch.Tensor) -> list[torch.Tensor]:
         for (i, _), v in zip(handles, values, strict=True):
             out[i] = v
     return out  # type: ignore[return-value]
+
+
+def _residents(tensors: list[LazyTensor]) -> None:
+    for t in tensors:
+        _resident(t)
+
+
+async def _without_blocking(fn: Callable[[list[LazyTensor]], None], tensors: list[LazyTensor]) -> None:
+    """``fn(tensors)``, which takes their recorders' locks: here if they are free, else on a worker
+    thread (another task's ``genie.call`` is recording), so that the event loop never waits for
+    them. (A flush stays here, where ``genie.profile`` blames it on the caller's line.)"""
+    taken: list[Recorder] = []
+    try:
+        for rec in {id(t._rec): t._rec for t in tensors}.values():
+            if not rec.lock.acquire(blocking=False):
+                break
+            taken.append(rec)
+        else:
+            fn(tensors)
+            return
+    finally:
+        for rec in taken:
+            rec.lock.release()
+    await in_thread(fn, tensors)
 
 
 def _resident(t: LazyTensor) -> None:
@@ -68,8 +100,7 @@ async def execute(graph: Graph, *inputs: torch.Tensor, fetch: bool = True) -> li
     graph.check_inputs(inputs)  # the caller's mistake: say so before anything is sent
     remote = {p: t for p, t in enumerate(inputs) if isinstance(t, LazyTensor)}
     if remote:
-        for t in remote.values():
-            _resident(t)
+        await _without_blocking(_residents, list(remote.values()))
         graph, inputs = _bind_remote(graph, inputs, remote)
     if fetch:
         return await execute_graph(graph, *inputs)
@@ -99,3 +130,66 @@ def _bind_remote(graph: Graph, inputs: tuple, remote: dict[int, LazyTensor]) -> 
                 n = n.replace(op=src.op, args=src.args, outputs=(t._meta,))
         nodes.append(n)
     return Graph(nodes, list(graph.outputs), constants=constants), tuple(inputs[p] for p in host_positions)
+
+
+# -- genie.call: a step from inside an event loop ---------------------------------------------------
+async def call(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` from inside an event loop (trio or asyncio), which it never blocks.
+
+    ``tok = await genie.call(step, model, tok, cache)``. A ``genie.compile``'d ``fn`` (or a
+    module whose ``forward`` is one, or a method compiled with it) whose recording for these
+    arguments exists replays at once, on this thread: one frame submitted, nothing waited for.
+    Anything else (a first call, which records and uploads weights; a new shape; a function that is
+    not compiled; device-mode ops that wait for the server; ops recorded on this thread and still
+    pending, whose flush may plan a new program) runs on a worker thread while the loop serves
+    other tasks. That thread records into this thread's recorder, so what it makes is this
+    thread's as if called here (a later call replays on the loop), and it runs under this thread's
+    grad mode. What it leaves pending is submitted before the await returns.
+
+    Every Genie op of a request belongs inside ``genie.call`` or ``genie.fetch``: a plain op on the
+    loop's thread (an ``argmax`` after the call) waits while another task's call records. Cancelling
+    the await delivers the cancellation at once; a recording in progress ends in its thread and is
+    kept. Inside ``genie.capture()`` this is a plain call, recorded.
+    """
+    rec = current_recorder()
+    if rec.mode != "device":
+        return fn(*args, **kwargs)
+    target = _compiled(fn, args)
+    if target is not None and rec.lock.acquire(blocking=False):
+        try:
+            hit, out = target[0].try_replay(target[1], kwargs)
+        finally:
+            rec.lock.release()
+        if hit:
+            return out
+    return await in_thread(_borrowing, rec, torch.is_grad_enabled(), fn, args, kwargs)
+
+
+def _compiled(fn: Callable[..., Any], args: tuple) -> tuple[Compiled, tuple] | None:
+    """(the Compiled that ``fn(*args)`` calls first, its arguments), when the call is just that:
+    a Compiled, a method bound to one, or a module with no hooks of its own whose ``forward`` is
+    one of those. Else None: the call goes to a worker thread as it is."""
+    if isinstance(fn, torch.nn.Module):
+        if fn._forward_hooks or fn._forward_pre_hooks or fn._backward_hooks or fn._backward_pre_hooks:
+            return None
+        fn = fn.forward
+    owner = getattr(fn, "__self__", None)
+    if owner is not None and isinstance(getattr(fn, "__func__", None), Compiled):
+        return fn.__func__, (owner, *args)
+    return (fn, args) if isinstance(fn, Compiled) else None
+
+
+def _borrowing(rec: Recorder, grad: bool, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """On the worker thread: ``fn`` recording into ``rec`` (the caller's), under the caller's grad
+    mode; what it leaves pending is submitted."""
+    tls = _lazy._tls
+    saved, tls.device = tls.device, rec
+    try:
+        with torch.set_grad_enabled(grad):
+            out = fn(*args, **kwargs)
+        with rec.lock:
+            if rec.pending:
+                rec.flush(wait=False)
+        return out
+    finally:
+        tls.device = saved

@@ -20,6 +20,11 @@ the outputs and the inputs. Otherwise the key is remembered as not replayable an
 plain device mode. A structure whose shapes change at every call (a growing ``DynamicCache``) is
 noticed after three recordings in a row that never replay, and runs as device mode too, without
 the extra flush a recording costs (recording again one call in eight, in case the shapes settle).
+
+A training step (forward, ``backward()``, optimizer step) is one such program: under grad mode the
+walk reads each parameter's ``.grad`` too, and the new gradients the step leaves on parameters are
+set again on replay (``_grads_set``). A replay returns no autograd graph, so a step whose outputs
+still need one (a forward whose backward runs outside) is not replayable.
 """
 
 from __future__ import annotations
@@ -101,24 +106,16 @@ class Compiled:
         rec = current_recorder()
         if rec.mode != "device":  # inside genie.capture()/trace(): the whole program is recorded
             return self.fn(*args, **kwargs)
-        with rec.lock:
-            walk = self._walk(args, kwargs)
+        # A backward inside the step (a training step) runs on this thread, which holds the lock:
+        # autograd's device thread would wait for it while this thread waits for the backward.
+        with rec.lock, torch.autograd.set_multithreading_enabled(False):
+            walk = self._ready_walk(rec, args, kwargs)
             if walk is None:
-                return self.fn(*args, **kwargs)
-            if rec.pending:  # what the inputs depend on runs first, submitted ahead of the replay,
-                rec.flush(wait=False)  # which the server runs after it: no round trip of its own
-            walk.finish()
-            if not walk.usable(rec):
-                return self.fn(*args, **kwargs)  # another thread's values, or lost ones: as is
+                return self.fn(*args, **kwargs)  # unwalkable, another thread's values, lost ones: as is
             key = walk.full_key()
             with self._lock:
-                entry = self.entries.get(key, False)
-                if entry is not False:
-                    self.entries.move_to_end(key)
-                    if entry is not None:
-                        entry.counts[0] = 0
-                        self.replays += 1
-                else:
+                entry = self._entry_for(key)
+                if entry is False:
                     counts = self._counts(walk.structure_key())
             if entry is None:
                 return self.fn(*args, **kwargs)
@@ -138,6 +135,50 @@ class Compiled:
                 if len(self.entries) > MAX_ENTRIES:
                     self.entries.popitem(last=False)
             return out
+
+    def try_replay(self, args: tuple, kwargs: dict) -> tuple[bool, Any]:
+        """``(True, what the call returns)`` if this call replays a recording; ``(False, None)`` if
+        it would record or run as device mode, having run nothing but what its inputs were waiting
+        for (submitted, not waited for). ``genie.call`` tries this on the event loop's thread
+        before it hands a call to a worker thread. The caller holds the recorder's lock.
+
+        Pending work means False at once: its flush may have to plan a new program, or wait for
+        a shape, which belongs on the worker thread too."""
+        rec = current_recorder()
+        if rec.mode != "device" or rec.pending:
+            return False, None
+        walk = self._ready_walk(rec, args, kwargs)
+        if walk is None:
+            return False, None
+        with self._lock:
+            entry = self._entry_for(walk.full_key())
+        if not entry:
+            return False, None
+        return True, entry.replay(rec, walk)
+
+    def _ready_walk(self, rec: Recorder, args: tuple, kwargs: dict) -> Walk | None:
+        """The finished walk of this call's inputs, or None when it cannot replay whatever was
+        recorded (unwalkable arguments, another thread's values, lost ones). Pending work the
+        inputs depend on (the argmax token) is submitted first, not waited for: the server runs it
+        before the replay, with no round trip of its own."""
+        walk = self._walk(args, kwargs)
+        if walk is None:
+            return None
+        if rec.pending:
+            rec.flush(wait=False)
+        walk.finish()
+        return walk if walk.usable(rec) else None
+
+    def _entry_for(self, key: tuple) -> _Entry | None | bool:
+        """The recording under ``key`` (counted as a replay), None if that key cannot replay, False
+        if it was never recorded (or evicted). Under ``self._lock``."""
+        entry = self.entries.get(key, False)
+        if entry is not False:
+            self.entries.move_to_end(key)
+            if entry is not None:
+                entry.counts[0] = 0
+                self.replays += 1
+        return entry
 
     def _walk(self, args: tuple, kwargs: dict) -> Walk | None:
         walk = Walk(LazyTensor)
@@ -173,6 +214,7 @@ class _Entry:
     kept: list[tuple[TensorMeta, torch.device, int]]  # per keep position: meta, device, storage class
     rebound: list[tuple[int, int]]  # (leaf, keep position): constants the step wrote, kept anew
     counts: list[int] = dataclasses.field(default_factory=lambda: [0, 0])  # its structure's (above)
+    grads: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # see _grads_set
 
     def replay(self, rec: Recorder, walk: Walk) -> Any:
         leaves = walk.leaves
@@ -239,6 +281,8 @@ class _Entry:
             return hit
 
         out = _build(self.outputs, kept, leaves, walk.objects)
+        for leaf, p in self.grads:  # a training step's new gradients, set as its recording set them
+            leaves[leaf].grad = None if p < 0 else kept(p)
         b = backend()
         for p, h in enumerate(handles):  # the same value kept twice by the recording's flush
             if p not in used:
@@ -272,6 +316,8 @@ def _record(fn: Callable, rec: Recorder, walk: Walk, args: tuple, kwargs: dict) 
         if len(pending) != len(fresh):  # an output bound to a value that is not an input
             rec.observer = None
             return out, None
+        if any(t.requires_grad for t in fresh.values()) and not walk.trained():
+            return out, None  # a forward whose backward runs outside: a replay has no autograd graph
         if not rec.pending and not pending:
             return out, None
         rec.flush(extra=[Ref(t._node.id, t._index) for t in pending])
@@ -368,6 +414,7 @@ def _entry(graph: Graph, run: dict, result: Any, walk: Walk, before: list, out: 
                 was_rebound.add(id(b[0]))
                 rebound.append((i, p))
             claimed[roots[p]] = p
+    grads = _grads_set(walk, keep_handles, roots, claimed)
     leaf_storage = {}
     for i, t in enumerate(leaves):
         if type(t) is LazyTensor:
@@ -384,11 +431,39 @@ def _entry(graph: Graph, run: dict, result: Any, walk: Walk, before: list, out: 
         s = t._node.storages[t._index]  # outputs that share a storage (or an input's) still do
         cls = -leaf_storage[s] - 1 if s in leaf_storage else classes.setdefault(s, len(classes))
         kept.append((result.metas[p], t._device, cls))
+    for i, p in grads:  # each new gradient in a storage of its own
+        if p >= 0:
+            g = leaves[i].grad
+            cls = classes.setdefault(g._node.storages[g._index], len(classes))
+            kept[p] = (result.metas[p], g._device, cls)
     if any(r not in claimed for r in roots):  # state the Python side keeps, made by this step
         raise _NotReplayable
     slots = [(i, pos, leaf) for (i, leaf), pos in zip(residents, res_pos, strict=True)]
     return _Entry(graph, parts, run, slots, consts, list(zip(seeds, seed_pos, strict=True)), outputs, kept,
-                  rebound)
+                  rebound, grads=grads)
+
+
+def _grads_set(walk: Walk, keep_handles: dict[int, int], roots: list[Ref], claimed: dict[Ref, int]
+               ) -> list[tuple[int, int]]:
+    """(parameter leaf, keep position, or -1 for None) per parameter whose ``.grad`` the step set
+    anew: autograd's first accumulation after ``zero_grad()`` (``set_to_none``) makes a new
+    gradient, and a replay sets the one it computed, as the recording left them. Only where the
+    walk saw the gradients (grad mode on); a gradient written in place is simply a leaf."""
+    leaves, out = walk.leaves, []
+    for i, was in walk.grads.items():
+        g = leaves[i].grad
+        if g is None:
+            if was is not None:
+                out.append((i, -1))
+            continue
+        if was is not None and leaves[was] is g:
+            continue
+        p = keep_handles.get(g._node.args[0]) if type(g) is LazyTensor and g._node.op == RESIDENT else None
+        if p is None:
+            raise _NotReplayable
+        claimed[roots[p]] = p
+        out.append((i, p))
+    return out
 
 
 # -- the output structure -------------------------------------------------------------------------

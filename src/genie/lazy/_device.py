@@ -9,15 +9,20 @@ reaches ``LazyTensor.__torch_dispatch__``.
 
 from __future__ import annotations
 
+import dataclasses
 import types
+import warnings
+import weakref
 
 import torch
 
-from genie._errors import UnsupportedOpError
+from genie._errors import GenieError, UnsupportedOpError
 from genie.graph import Node, TensorMeta, op_name, overload, registry
 from genie.lazy import _lazy
-from genie.lazy._lazy import _NUMBERS, RNG, copy_into, current_recorder, module_path, wrap
+from genie.lazy._lazy import _NUMBERS, LazyTensor, copy_into, current_recorder, module_path, wrap
 from genie.lazy._meta import SHAPES, op_info
+from genie.lazy._rng import RNG
+from genie.runtime import backend
 
 DEVICE_TYPE = "remote_accelerator"
 DEVICE_COUNT = 8  # logical devices; each is an index the server maps to its own device
@@ -26,8 +31,11 @@ _lib: torch.library.Library | None = None
 
 
 def _device_module() -> types.ModuleType:
+    """``torch.remote_accelerator``: what a CUDA user reaches for in ``torch.cuda``. Device indices
+    are logical (``DEVICE_COUNT``): every one is the connected server's device, so the functions
+    that take one check it and answer for that device."""
     mod = types.ModuleType(DEVICE_TYPE)
-    mod.is_available = lambda: True
+    mod.is_available = is_available
     mod.device_count = lambda: DEVICE_COUNT
     mod.current_device = lambda: 0
     mod.set_device = lambda d: None
@@ -38,8 +46,89 @@ def _device_module() -> types.ModuleType:
     mod.seed = lambda: RNG.seed(torch.initial_seed())
     mod.seed_all = mod.seed
     mod.initial_seed = lambda: RNG.base
-    mod.synchronize = lambda device=None: None
+    mod.synchronize = synchronize
+    mod.memory_allocated = lambda device=None: int(_report(device)["memory_allocated"])
+    mod.max_memory_allocated = lambda device=None: int(_report(device)["max_memory_allocated"])
+    mod.get_device_name = lambda device=None: str(_report(device)["device_name"])
+    mod.get_device_properties = get_device_properties
+    mod.DeviceProperties = DeviceProperties
     return mod
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceProperties:
+    """``torch.remote_accelerator.get_device_properties()``: the server's device, as it reports it."""
+
+    name: str
+    type: str  # the server's torch device type: "cuda" or "cpu"
+    total_memory: int  # bytes: the GPU's memory; on a CPU server its --memory-limit, else its RAM
+
+
+def synchronize(device: torch.device | str | int | None = None) -> None:
+    """Wait for everything submitted to the server: this thread's pending program runs, then every
+    run submitted without waiting (``genie.compile`` replays, ``execute(fetch=False)``) has its
+    reply. Their failures surface where their values are read, not here."""
+    _index(device)
+    rec = current_recorder()
+    if rec.mode == "device" and rec.pending:
+        rec.flush()
+    wait = getattr(backend(), "synchronize", None)
+    if wait is not None:  # in process, a submitted run has finished when submit returns
+        wait()
+
+
+def is_available() -> bool:
+    """Whether the server answers (``GENIE_SERVER``/``genie.connect``; unset, the embedded one,
+    started on this first use). Never raises: a server that cannot be reached is False."""
+    b = backend()
+    if b is _answered():
+        return True
+    ask = getattr(b, "server_stats", None)
+    if ask is None:  # in process: the executor is here
+        return True
+    try:
+        ask()
+    except (GenieError, OSError):
+        return False
+    _remember(b)
+    return True
+
+
+def get_device_properties(device: torch.device | str | int | None = None) -> DeviceProperties:
+    r = _report(device)
+    return DeviceProperties(str(r["device_name"]), torch.device(r["device"]).type, int(r["total_memory"]))
+
+
+_answered = lambda: None  # noqa: E731 -- the backend that last answered is_available (a weakref)
+
+
+def _remember(b: object) -> None:
+    global _answered
+    _answered = weakref.ref(b)
+
+
+def _index(device: torch.device | str | int | None) -> int:
+    """The logical index ``device`` names, checked as ``torch.cuda`` checks its own."""
+    if device is None:
+        return 0
+    d = torch.device(DEVICE_TYPE, device) if isinstance(device, int) else torch.device(device)
+    if d.type != DEVICE_TYPE:
+        raise ValueError(f"expected a {DEVICE_TYPE} device, got {d}")
+    index = d.index or 0
+    if not 0 <= index < DEVICE_COUNT:
+        raise ValueError(f"invalid device index {index}: {DEVICE_TYPE} has {DEVICE_COUNT} (0 to "
+                         f"{DEVICE_COUNT - 1}), all of them the connected server's device")
+    return index
+
+
+def _report(device: torch.device | str | int | None) -> dict:
+    """The server's own report (its ``stats`` message): device, name and memory figures."""
+    _index(device)
+    ask = getattr(backend(), "server_stats", None)
+    if ask is None:
+        raise NotImplementedError(f"torch.{DEVICE_TYPE}'s memory and device queries ask the genie server, "
+                                  "and in process (GENIE_SERVER=inprocess) there is none")
+    return ask()
 
 
 def _empty(size, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
@@ -164,6 +253,39 @@ def _key(name: str) -> str:
     return f"aten.{packet}.{ov or 'default'}"
 
 
+_host_pin_memory = torch.Tensor.pin_memory
+
+
+def _pin_memory(self: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """``Tensor.pin_memory()`` with ``remote_accelerator`` as torch's accelerator (which a Python
+    backend cannot give a pinned allocator). Pinned memory speeds up DMA to a local GPU; Genie's
+    uploads cross the network from any host memory, so for Genie a pinned tensor is a host tensor:
+    a copy in ordinary memory, or in CUDA's pinned memory when this machine has a GPU of its own
+    (its copies are what the pin is for). A remote tensor cannot be pinned, as a CUDA one cannot."""
+    if isinstance(self, LazyTensor):
+        raise RuntimeError(f"cannot pin a '{self.device}' tensor: only CPU tensors can be pinned")
+    if device is not None and torch.device(device).type != DEVICE_TYPE:
+        return _host_pin_memory(self, device)  # torch's own path (and deprecation) for that device
+    if torch.cuda.is_available():
+        return torch.ops.aten._pin_memory.default(self, torch.device("cuda"))
+    return self.clone()
+
+
+_host_is_pinned = torch.Tensor.is_pinned
+
+
+def _is_pinned(self: torch.Tensor, device: torch.device | str | None = None) -> bool:
+    """False for a remote tensor, as for a CUDA one (asking the op would fetch its value); a host
+    tensor asks CUDA when this machine has it, since that is who pins (above)."""
+    if isinstance(self, LazyTensor):
+        return False
+    if device is None and torch.cuda.is_available():
+        with warnings.catch_warnings():  # naming the device is deprecated, and the accelerator is ours
+            warnings.simplefilter("ignore")
+            return _host_is_pinned(self, "cuda")
+    return _host_is_pinned(self) if device is None else _host_is_pinned(self, device)
+
+
 def register() -> None:
     """Idempotent: make ``remote_accelerator`` a torch device backed by LazyTensors."""
     global _registered, _lib
@@ -180,6 +302,8 @@ def register() -> None:
         torch._register_device_module(DEVICE_TYPE, mod)
         torch.utils.generate_methods_for_privateuse1_backend()
     _lazy._DEFAULT_DEVICE = torch.device(f"{DEVICE_TYPE}:0")
+    torch.Tensor.pin_memory = _pin_memory  # DataLoader(pin_memory=True) pins through it too
+    torch.Tensor.is_pinned = _is_pinned
     _lib = torch.library.Library("aten", "IMPL")
     _lib.impl("empty.memory_format", _empty, "PrivateUse1")
     _lib.impl("empty_strided", _empty_strided, "PrivateUse1")

@@ -12,7 +12,9 @@ output that *is* an input object comes back as that very object), and builds the
 - Python scalars (int, float, bool, str, None, numpy scalars, enums), dtypes and devices met on
   the way; functions and classes by identity;
 - every module's ``training`` flag, and the identity of its parameters and buffers (``id`` plus
-  the node they are bound to, so a reassigned parameter or a weight written on the client misses).
+  the node they are bound to, so a reassigned parameter or a weight written on the client misses);
+- with grad mode on (a training step), each parameter's ``.grad``: whether it has one, and that
+  gradient as a leaf, since ``zero_grad`` and autograd's accumulation read and write it.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class Walk:
         self.objects: list[object] = []
         self._seen: dict[int, int] = {}  # id(object or leaf) -> position, for shared references
         self.remote = False
+        self.grads: dict[int, int | None] = {}  # parameter leaf -> its .grad's leaf (None: no grad)
+        self._grad_versions: dict[int, int] = {}  # parameter leaf -> its .grad's version then
 
     def full_key(self) -> tuple:
         return (tuple(self.key), tuple(self.shapes))
@@ -177,6 +181,29 @@ class Walk:
         # the tree's serial: a submodule swapped (a ReLU for a Tanh) records again, weights or not
         self.key.append(("module", id(m), tree.serial, tuple([mod.training for mod in tree.modules]),
                          len(weights)))
+        if torch.is_grad_enabled():  # a training step: inference (no_grad) pays nothing for this
+            self._grads(first, weights)
+
+    def _grads(self, first: int, weights: list) -> None:
+        grads = [w.grad for w in weights]
+        self.key.append(("grads", tuple([g is not None for g in grads])))
+        for i, g in enumerate(grads, first):
+            if g is None:
+                self.grads[i] = None
+            else:
+                self.grads[i] = len(self.leaves) if id(g) not in self._seen else self._seen[id(g)]
+                self._grad_versions[i] = g._version
+                self.tensor(g, param=False)
+
+    def trained(self) -> bool:
+        """Whether, since the walk, a parameter's gradient was set or written (a backward ran)."""
+        leaves = self.leaves
+        for i, was in self.grads.items():
+            g = leaves[i].grad
+            if (g is not None or was is not None) and (was is None or g is not leaves[was]
+                                                       or g._version != self._grad_versions[i]):
+                return True
+        return False
 
 
 class _Tree:

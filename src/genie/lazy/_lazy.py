@@ -19,8 +19,9 @@ from torch.utils._pytree import tree_map
 from genie._errors import GenieError, UnsupportedOpError
 from genie._profile import mirror_watching, recording
 from genie.graph import CONST, INPUT, RESIDENT, Node, Ref, TensorMeta, content_digest
-from genie.lazy._meta import SHAPES, OpInfo, infer, meta_tensor, op_info
+from genie.lazy._meta import SHAPES, UNDEFINED, OpInfo, infer, meta_tensor, op_info
 from genie.lazy._recorder import FAILED, Recorder
+from genie.lazy._rng import RNG
 
 aten = torch.ops.aten
 _DEFAULT_DEVICE = None  # set by _device.register(): torch.device needs the backend renamed first
@@ -28,7 +29,9 @@ _SOURCE_OPS = (CONST, INPUT, RESIDENT)
 _make_wrapper = torch.Tensor._make_wrapper_subclass
 _default_dtype = torch.get_default_dtype
 _STRIDED = torch.strided
+_DATA = torch._C.TensorBase.data  # the C-level ``.data`` property, which LazyTensor extends
 _WATCHED = False  # genie.profile() or GENIE_SYNC_DEBUG is on: time each op as recording
+AUTOGRAD_THREAD_SEEN = False  # a thread that started no program recorded (see _backward's drain)
 mirror_watching(globals(), "_WATCHED")
 
 
@@ -39,13 +42,21 @@ class _ThreadState(threading.local):
     def __init__(self) -> None:
         self.captures: list[Recorder] = []
         self.modules: list[str] = []
-        self.device: Recorder | None = None
+        self.device: Recorder | None = None  # the program this thread started
+        self.joined: Recorder | None = None  # one it extends, having started none (autograd's threads)
 
 
 _tls = _ThreadState()
 
 
 # -- which recorder records -------------------------------------------------------------------
+# A program is a recorder; its program order is the order ops take its lock. An op joins the
+# program of the first remote tensor it reads, whatever thread runs it: autograd's engine runs a
+# remote backward on a device thread of its own ("Dummy-1"), and its ops, its hooks' and the grads
+# it accumulates must land in the program that made the forward, or the program order the server
+# replays is lost (a gradient read before the write that zeroed it). Only an op that reads no
+# remote tensor (a factory, an upload) starts from the thread: the capture it is in, else the
+# program it started, else the last one it joined.
 def capture_stack() -> list[Recorder]:
     return _tls.captures
 
@@ -54,10 +65,34 @@ def current_recorder() -> Recorder:
     tls = _tls
     if tls.captures:
         return tls.captures[-1]
-    rec = tls.device
+    rec = tls.device or tls.joined
     if rec is None:
         rec = tls.device = Recorder("device")
     return rec
+
+
+def recorder_for(args: tuple) -> Recorder:
+    """The recorder an op with positional ``args`` records into (see above). Per op: kept short."""
+    tls = _tls
+    if not tls.captures:
+        for a in args:
+            t = type(a)
+            if t is not LazyTensor:
+                if (t is not list and t is not tuple) or not a or type(a[0]) is not LazyTensor:
+                    continue
+                a = a[0]  # cat, stack, foreach: a list of tensors
+            rec = a._rec
+            if rec.mode == "device":  # else a captured value read after its capture: imported
+                if tls.device is None:
+                    _joined(tls, rec)
+                return rec
+            break
+    return current_recorder()
+
+
+def _joined(tls: _ThreadState, rec: Recorder) -> None:
+    global AUTOGRAD_THREAD_SEEN
+    tls.joined, AUTOGRAD_THREAD_SEEN = rec, True
 
 
 def module_path() -> str:
@@ -67,25 +102,6 @@ def module_path() -> str:
 
 def module_stack() -> list[str]:
     return _tls.modules
-
-
-# -- remote RNG: repeatable under torch.manual_seed --------------------------------------------
-class _RemoteRNG:
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.seed(67280421310721)  # torch's CPU default, so runs repeat without a seed call too
-
-    def seed(self, s: int) -> None:
-        with self.lock:
-            self.base, self.count = int(s), 0
-
-    def next_seed(self) -> int:
-        with self.lock:
-            self.count += 1
-            return (self.base * 6364136223846793005 + self.count * 1442695040888963407) % (1 << 63)
-
-
-RNG = _RemoteRNG()
 
 
 # -- the tensor --------------------------------------------------------------------------------
@@ -111,14 +127,19 @@ class LazyTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        if _WATCHED:
-            return recording(dispatch, func, args, kwargs or {})
-        entry = _ENTRIES.get(id(func))  # dispatch() inlined for its common case: one frame less
-        if entry is None or entry.special is not None or not entry.plain:
-            return dispatch(func, args, kwargs or {})
-        rec = current_recorder()
-        with rec.lock:
-            return _record(rec, func, entry.info, args, kwargs or {})
+        try:
+            if _WATCHED:
+                return recording(dispatch, func, args, kwargs or {})
+            entry = _ENTRIES.get(id(func))  # dispatch() inlined for its common case: one frame less
+            if entry is None or entry.special is not None or not entry.plain:
+                return dispatch(func, args, kwargs or {})
+            rec = recorder_for(args)
+            with rec.lock:
+                return _record(rec, func, entry.info, args, kwargs or {})
+        except BaseException as e:  # free on the way in (3.11); only a failure pays for the check
+            if not in_cpp_backward():  # (a Ctrl-C too: torch would abort on it there)
+                raise
+            return failed_in_backward(func, args, kwargs or {}, e)
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
         text = repr(materialize([self])[0])
@@ -126,6 +147,8 @@ class LazyTensor(torch.Tensor):
 
     def tolist(self) -> Any:
         return self.cpu().tolist()
+
+    data = property(_DATA.__get__, lambda self, new: set_data(self, new), doc="see _metadata.set_data")
 
     def __bool__(self) -> bool:  # a frame of its own: genie.profile() tells bool(t) from t.item()
         return torch.Tensor.__bool__(self)
@@ -145,8 +168,8 @@ class LazyTensor(torch.Tensor):
             memo[id(self)] = hit
         return hit
 
-    def __reduce_ex__(self, protocol: int) -> Any:
-        return (torch.as_tensor, (self.cpu(),))
+    def __reduce_ex__(self, protocol: int) -> Any:  # pickle, torch.save: see _checkpoint
+        return reduce_to_host(self, protocol)
 
 
 def wrap(rec: Recorder, node: Node, index: int, meta: TensorMeta, device: torch.device) -> LazyTensor:
@@ -269,7 +292,7 @@ class _Args:
             if self.storages is not None:
                 self.storages[ref] = node.storages[t._index]
             return ref
-        node = host_tensor_node(rec, t)
+        node = host_tensor_node(rec, t, self.key[0] in _HOST_INDICES)  # key[0]: the op's name
         self.key.append(node.outputs[0])
         ref = Ref(node.id, 0)
         if self.storages is not None:
@@ -297,10 +320,16 @@ def _digest_cached(t: torch.Tensor) -> str:
     return d
 
 
-def host_tensor_node(rec: Recorder, t: torch.Tensor) -> Node:
+# Ops that take host index tensors with a device input, as CUDA's advanced indexing does
+_HOST_INDICES = frozenset({"aten.index.Tensor", "aten.index_put.default", "aten.index_put_.default",
+                           "aten._index_put_impl_.default", "aten._unsafe_index.Tensor",
+                           "aten._unsafe_index_put.default"})
+
+
+def host_tensor_node(rec: Recorder, t: torch.Tensor, host_indices: bool = False) -> Node:
     """A CPU tensor met by an op: a weight or captured constant, an input, or a device error."""
     if rec.mode == "device":
-        if t.dim() != 0:
+        if t.dim() != 0 and not (host_indices and t.device.type == "cpu"):
             raise _device_error(torch.device("remote_accelerator:0"), t.device)
         return rec.const_node(t)
     if t.device.type != "cpu":
@@ -311,25 +340,26 @@ def host_tensor_node(rec: Recorder, t: torch.Tensor) -> Node:
 
 
 def import_into(rec: Recorder, t: LazyTensor) -> Node:
-    """A tensor recorded elsewhere (another thread or capture) read by ``rec``."""
-    key = (id(t._node), t._index)
-    hit = rec.imports.get(key)
-    if hit is not None:
-        return hit[1]
+    """A tensor of another program (a capture, or a device program ``rec`` did not join) read by
+    ``rec``. That program first runs what it has pending (the value, and any write to it), so
+    ``rec`` reads the value as that program's order left it."""
+    other = t._rec
+    if t._node.op not in _SOURCE_OPS or (other.mode == "device" and other.pending):
+        other.flush()
     src = t._node
+    key = (id(src), t._index)  # src is held below, so its id names it while the entry lives
+    hit = rec.imports.get(key)
+    if hit is not None and hit[0] is src:
+        return hit[1]
     if src.op == CONST:
         digest = src.args[0]
-        node = rec.const_node(t._rec.constants[digest], digest)
+        node = rec.const_node(other.constants[digest], digest)
+    elif src.op == INPUT:
+        node = rec.const_node(other.input_tensors[src.args[0]])
     else:
-        if src.op not in _SOURCE_OPS:
-            t._rec.flush()
-            src = t._node
-        if src.op == INPUT:
-            node = rec.const_node(t._rec.input_tensors[src.args[0]])
-        else:
-            nid = rec.new_id()
-            node = rec.add(Node(nid, RESIDENT, src.args, outputs=(t._meta,), storages=(nid,)))
-    rec.imports[key] = (src, node)  # holding src keeps its remote value alive
+        nid = rec.new_id()
+        node = rec.add(Node(nid, RESIDENT, src.args, outputs=(t._meta,), storages=(nid,)))
+    rec.imports[key] = (src, node)  # holding src keeps its remote value alive until rec's next run
     return node
 
 
@@ -343,7 +373,8 @@ class _Entry:
         self.special = SPECIAL.get(func)
         self.info = op_info(func)
         self.refused = func.namespace not in ("aten", "prims")
-        self.plain = self.info.returns_tensors and not self.refused  # recorded as it comes
+        # recorded as it comes
+        self.plain = (self.info.returns_tensors or self.info.void_writes) and not self.refused
 
 
 _ENTRIES: dict[int, _Entry] = {}  # by id(func): hashing an OpOverload runs Python code
@@ -356,11 +387,11 @@ def dispatch(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Any:
     if entry.special is not None:
         return entry.special(func, args, kwargs)
     info = entry.info
-    if not info.returns_tensors:
+    if not info.returns_tensors and not info.void_writes:
         return func(*_to_host(args), **_to_host(kwargs))
     if entry.refused:
         raise UnsupportedOpError(f"{func.namespace}::{func._opname}", "only aten and prims ops are recorded")
-    rec = current_recorder()
+    rec = recorder_for(args)
     with rec.lock:
         return _record(rec, func, info, args, kwargs)
 
@@ -389,6 +420,15 @@ def _record(rec: Recorder, func, info: OpInfo, args: tuple, kwargs: dict) -> Any
                 dynamic = True
             else:
                 SHAPES.store(key, metas)
+    restrided = None
+    if info.inplace_self and not dynamic:
+        target = _arg_value(func, info.alias_of[0], args, kwargs)
+        if isinstance(target, LazyTensor) and target._meta != metas[0]:
+            if info.alias_of[0] != 0 or info.write_kwargs:
+                check_not_resized(info, target, metas[0])  # out=: the caller's tensor would go stale
+            else:  # squeeze_, transpose_, resize_: the tensor itself changes shape, as on CUDA
+                cargs = (fresh_alias(rec, cargs[0], target._meta, conv.storages), *cargs[1:])
+                restrided = target
     nid = rec.new_id()
     n_out = info.n_returns if dynamic else len(metas)
     if info.aliases:
@@ -397,10 +437,10 @@ def _record(rec: Recorder, func, info: OpInfo, args: tuple, kwargs: dict) -> Any
         storages, writes = (nid,), ()  # a fresh storage: named by its node, as constants are
     else:
         storages, writes = tuple([rec.new_id() for _ in range(n_out)]), ()
-    if info.inplace_self and not dynamic:
-        _check_not_resized(func, info, args, kwargs, metas[0])
     node = rec.add(Node(nid, info.name, cargs, ckwargs, () if dynamic else metas, info.multi,
                         storages, writes, module_path(), RNG.next_seed() if info.seeded else None))
+    if not info.n_returns:  # it only wrote its arguments
+        return None
     if dynamic:
         if info.returns_list:
             raise UnsupportedOpError(info.name, "data-dependent number of outputs")
@@ -408,6 +448,9 @@ def _record(rec: Recorder, func, info: OpInfo, args: tuple, kwargs: dict) -> Any
         outs = [wrap(rec, res, 0, meta, device) for res, meta in kept]
         node.outputs = tuple(m for _, m in kept)
     else:
+        if restrided is not None:
+            rebind(restrided, rec, node, metas[0])
+            return restrided
         if info.inplace_self:
             target = _arg_value(func, info.alias_of[0], args, kwargs)
             if isinstance(target, LazyTensor) and target._meta == metas[0]:
@@ -415,20 +458,10 @@ def _record(rec: Recorder, func, info: OpInfo, args: tuple, kwargs: dict) -> Any
             # same shape, other strides (an out= op restrided its output): a new wrapper
         if not info.multi:
             return LazyTensor(rec, node, 0, metas[0], device)
-        outs = [LazyTensor(rec, node, i, m, device) for i, m in enumerate(metas)]
+        outs = [None if m is UNDEFINED else LazyTensor(rec, node, i, m, device) for i, m in enumerate(metas)]
     if not info.multi:
         return outs[0]
     return outs if info.returns_list else tuple(outs)
-
-
-def _check_not_resized(func, info: OpInfo, args: tuple, kwargs: dict, meta: TensorMeta) -> None:
-    """A wrapper cannot change shape, so an out= or in-place op that would resize its target is
-    refused rather than leaving the caller's tensor with a stale shape."""
-    target = _arg_value(func, info.alias_of[0], args, kwargs)
-    if isinstance(target, LazyTensor) and tuple(target.shape) != meta.shape:
-        raise UnsupportedOpError(info.name, f"it would resize its output from {list(target.shape)} to "
-                                 f"{list(meta.shape)}, and a {target.device} tensor cannot change shape; "
-                                 "pass an out= tensor of the result's shape")
 
 
 def _alias_storages(rec: Recorder, func, info: OpInfo, cargs: tuple, ckwargs: dict,
@@ -443,8 +476,12 @@ def _alias_storages(rec: Recorder, func, info: OpInfo, cargs: tuple, ckwargs: di
 
     last = len(info.alias_of) - 1
     storages = tuple(_or_new(rec, storage(info.alias_of[min(i, last)])) for i in range(n_out))
-    writes = tuple(s for s in (storage(p) for p in (*info.writes, *info.write_kwargs)) if s is not None)
-    return storages, writes
+    writes = []
+    for p in (*info.writes, *info.write_kwargs):  # a list argument (``_foreach_mul_``) writes each
+        v = _arg_value(func, p, cargs, ckwargs)
+        writes.extend(s for s in (known.get(r) for r in (v if type(v) in (list, tuple) else (v,))
+                                  if type(r) is Ref) if s is not None)
+    return storages, tuple(dict.fromkeys(writes))
 
 
 def _arg_value(func, pos: int | str, args: tuple, kwargs: dict) -> Any:
@@ -505,7 +542,7 @@ def copy_into(func, args, kwargs):
             rec.track(dst)
         return dst
     if not isinstance(src, LazyTensor):
-        rec = current_recorder()
+        rec = recorder_for((dst,))
         with rec.lock:
             node = rec.const_node(src.detach().clone())
             src = wrap(rec, node, 0, node.outputs[0], dst.device)
@@ -530,14 +567,31 @@ def _alias(func, args, kwargs):
 
 def _default(func, args, kwargs):
     info = op_info(func)  # cached by functools
-    rec = current_recorder()
+    rec = recorder_for(args)
     with rec.lock:
         return _record(rec, func, info, args, kwargs)
 
 
 SPECIAL: dict[Any, Callable] = {
+    aten._has_compatible_shallow_copy_type.default: lambda func, args, kwargs: shallow_copy_compatible(*args),
     aten._to_copy.default: _to_copy,
     aten.copy_.default: copy_into,
     aten.detach.default: _alias,
     aten.alias.default: _alias,
 }
+
+# Kept in modules of their own, which need the names above: an op that fails inside autograd's
+# backward, checkpoints (``set_`` onto a checkpoint's storage; ``torch.load``'s deserializer), and
+# ops that change a tensor's own metadata (``transpose_``, ``t.data = other``).
+from genie.lazy._backward import failed_in_backward, in_cpp_backward  # noqa: E402
+from genie.lazy._checkpoint import install as _install_checkpoints  # noqa: E402
+from genie.lazy._checkpoint import reduce_to_host  # noqa: E402
+from genie.lazy._metadata import (  # noqa: E402
+    check_not_resized,
+    fresh_alias,
+    rebind,
+    set_data,
+    shallow_copy_compatible,
+)
+
+_install_checkpoints(SPECIAL)

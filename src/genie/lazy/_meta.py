@@ -37,6 +37,7 @@ class OpInfo:
     typed: tuple[bool, ...]  # per schema argument: a Python number there is keyed by its type only
     typed_kw: frozenset[str]  # the same, by argument name (for kwargs)
     view_of_self: bool  # one output, a view of argument 0, and nothing written
+    void_writes: bool  # returns nothing and writes arguments (``_foreach_add_``): recorded, not run here
 
 
 # Schema types whose Python-number values only promote (by type): never a size, dim or flag.
@@ -77,7 +78,8 @@ def op_info(func: torch._ops.OpOverload) -> OpInfo:
                   inplace_self, torch.Tag.nondeterministic_seeded in tags,
                   torch.Tag.dynamic_output_shape in tags, op_name(func), len(schema.returns),
                   rtypes == ["List[Tensor]"], aliases, typed, typed_kw,
-                  alias_of == [0] and not writes and not write_kwargs)
+                  alias_of == [0] and not writes and not write_kwargs,
+                  not schema.returns and bool(writes or write_kwargs))
 
 
 def meta_tensor(m: TensorMeta) -> torch.Tensor:
@@ -110,10 +112,18 @@ class ShapeCache:
 
 SHAPES = ShapeCache()
 
+# An output the op left undefined (a ``Tensor?`` return: ``convolution_backward`` without the input's
+# gradient, ``native_layer_norm_backward`` without the weight's). It travels as an empty tensor's
+# metadata, so the server's memory prediction charges nothing; the recorder knows it by identity
+# and hands the caller ``None`` there, as torch does.
+UNDEFINED = TensorMeta((0,), (1,), torch.float32)
+
 
 def infer(func: torch._ops.OpOverload, meta_args: tuple, meta_kwargs: dict) -> tuple[TensorMeta, ...]:
     """Run ``func`` on meta tensors; raises whatever the meta kernel raises."""
     out = func(*meta_args, **meta_kwargs)
+    if out is None:  # an op that only writes its arguments
+        return ()
     if isinstance(out, torch.Tensor):
         return (TensorMeta.of(out),)
-    return tuple(TensorMeta.of(o) for o in out)
+    return tuple(UNDEFINED if o is None else TensorMeta.of(o) for o in out)

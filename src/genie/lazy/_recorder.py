@@ -64,7 +64,8 @@ class Recorder:
         self._ids = itertools.count(1)
         self.weight_ids: set[int] = set()  # id() of module buffers seen in a capture: weights
         self.const_cache: dict[int, tuple[torch.Tensor, Node]] = {}  # id(weight) -> it, its CONST node
-        self.imports: dict[tuple[int, int], tuple[Node, Node]] = {}  # foreign value -> local node
+        # another program's value -> its node here, until this recorder's next run
+        self.imports: dict[tuple[int, int], tuple[Node, Node]] = {}
         # storage -> tensors bound to a CONST or RESIDENT node of it (module buffers, a KV cache):
         # a pending write to one of these storages runs even if nothing reads its result
         self._held: dict[int, dict[int, weakref.ref]] = {}  # storage -> id(tensor) -> tensor
@@ -212,6 +213,7 @@ class Recorder:
             self.pending.clear()
             self._live.clear()
             self._sources.clear()  # sources are registered again when a new node reads them
+            self.imports.clear()  # and other programs' values imported again: nothing held for ever
             metas = [result.metas[keep_refs.index(r)] for r in extra]
             extra_nodes = [rebound[r] for r in extra]
             return result.fetched, list(zip(extra_nodes, metas, strict=True))
@@ -235,6 +237,7 @@ class Recorder:
         self.pending.clear()
         self._live.clear()
         self._sources.clear()
+        self.imports.clear()
 
     def _live_refs(self) -> tuple[dict[Ref, list[weakref.ref]], set[int]]:
         """Pending values still referenced, and the storages of CONST/RESIDENT-bound tensors still

@@ -1,10 +1,11 @@
 """Runs graphs against a backend: in process, or a remote ``genie serve`` over trio."""
 
 from genie.runtime._backend import Backend, RunResult, Stats, backend, set_backend, set_backend_factory
+from genie.runtime._bridge import in_thread
 from genie.runtime._execute import execute_graph, planned_for_flush, submit_graph
 from genie.runtime._local import Executor, LocalBackend, set_executor_factory
 from genie.runtime._remote import RemoteBackend, backend_from_env, connect
 
 __all__ = ["Backend", "Executor", "LocalBackend", "RemoteBackend", "RunResult", "Stats", "backend",
-           "backend_from_env", "connect", "execute_graph", "planned_for_flush", "set_backend",
+           "backend_from_env", "connect", "execute_graph", "in_thread", "planned_for_flush", "set_backend",
            "set_backend_factory", "set_executor_factory", "submit_graph"]

@@ -9,6 +9,8 @@ waiting (frees from finalizers).
 ``call_back`` is ``call``'s fast path for work that can start without awaiting: a plain function
 runs in the loop and hands its outcome to a callback later (from a connection's reader, say), which
 wakes the blocked thread directly: one hop in, one out, no task of the loop in between.
+``in_thread`` is the other direction: blocking work (recording a step, waiting for a flush) on a
+worker thread while the caller's own loop, trio's or asyncio's, awaits it and serves other tasks.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -219,3 +222,24 @@ class Bridge:
             if not fut.done():
                 self.soon(scope.cancel)
             raise
+
+
+_CALLERS: concurrent.futures.ThreadPoolExecutor | None = None  # asyncio's side of ``in_thread``
+_CALLERS_LOCK = threading.Lock()
+CALL_THREADS = 32  # worker threads for asyncio callers (trio's own limiter serves trio callers)
+
+
+async def in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on a worker thread while the calling event loop (trio or asyncio, told apart by
+    sniffio) keeps running other tasks; returns or raises what ``fn`` did.
+
+    Cancelling the await delivers the cancellation at once; ``fn`` cannot be interrupted, so it runs
+    to its end in its thread and its result is dropped."""
+    if sniffio.current_async_library() == "asyncio":
+        global _CALLERS
+        if _CALLERS is None:
+            with _CALLERS_LOCK:  # not the loop's default executor: ours block on a recorder
+                if _CALLERS is None:
+                    _CALLERS = concurrent.futures.ThreadPoolExecutor(CALL_THREADS, "genie-call")
+        return await asyncio.get_running_loop().run_in_executor(_CALLERS, functools.partial(fn, *args))
+    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)

@@ -2,8 +2,9 @@
 
 The only place on the client that sees a socket. Call tree::
 
-    await Connection.open(host, port, token, stats, tls)   connect (+ TLS handshake); hello ->
-                                                      welcome (or refusal)
+    await Connection.open(host, port, token, stats, tls)   no token in cleartext to another machine
+                                                      (check_cleartext); connect (+ TLS handshake);
+                                                      hello -> welcome (or refusal)
     await nursery.start(conn.run)                     then, as tasks of the owner's loop:
       read_loop()      frames -> the waiter of their id (recv_into for bulk payloads); a ``part``
                      (an output sent as its stage ended) is kept on the waiter until the result
@@ -30,6 +31,7 @@ Bytes move through ``genie.transport``'s I/O helper, over a plain socket (payloa
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import math
 import os
@@ -41,7 +43,7 @@ from collections.abc import Callable
 import torch
 import trio
 
-from genie._errors import ConnectionLostError, LocalProtocolError, RemoteProtocolError
+from genie._errors import CleartextTokenError, ConnectionLostError, LocalProtocolError, RemoteProtocolError
 from genie._profile import active as profiling
 from genie._profile import record
 from genie.runtime._backend import Stats
@@ -100,6 +102,42 @@ def tls_from_env(value: str | None) -> TLS:
     return True if v.lower() in ("1", "true", "yes") else v
 
 
+def insecure_from_env(value: str | None) -> bool:
+    """``GENIE_INSECURE``: 1/true/yes: a token may go in cleartext to another machine (a trusted
+    network); anything else: it may not."""
+    return (value or "").strip().lower() in ("1", "true", "yes")
+
+
+def _loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+async def check_cleartext(host: str, port: int, token: str, tls: ssl.SSLContext | None,
+                          insecure: bool) -> None:
+    """CleartextTokenError unless sending ``token`` to ``host`` is safe: it is empty, the connection
+    is TLS, ``insecure`` says the network is trusted, or every address ``host`` names is loopback
+    (the token then never leaves this machine)."""
+    if not token or tls is not None or insecure or host == "localhost":
+        return
+    if not _loopback(host):
+        try:
+            infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
+        except OSError:
+            infos = []
+        if not infos or not all(_loopback(info[4][0]) for info in infos):
+            raise CleartextTokenError(
+                f"refusing to send the genie token in cleartext to {host}:{port}, which is not a "
+                "loopback address: anyone on the network path could read it and use the server. "
+                "Connect with tls=True or a CA bundle path (GENIE_TLS=1 or GENIE_TLS=ca.pem) to a "
+                "server started with --tls-cert/--tls-key, or pass insecure=True (GENIE_INSECURE=1) "
+                "if this network is trusted")
+
+
 class Waiter:
     __slots__ = ("event", "reply", "error", "orphan", "abandoned", "parts", "cancel_id", "notify")
 
@@ -149,8 +187,11 @@ class Connection:
     # -- opening --------------------------------------------------------------------------------
     @classmethod
     async def open(cls, host: str, port: int, token: str, stats: Stats,
-                   tls: ssl.SSLContext | None = None) -> Connection:
+                   tls: ssl.SSLContext | None = None, *, insecure: bool = False) -> Connection:
+        """Connect and greet; CleartextTokenError first if the token would go in cleartext to
+        another machine (see ``check_cleartext``)."""
         address = f"{host}:{port}"
+        await check_cleartext(host, port, token, tls, insecure)
         sock = trio.socket.socket(trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET,
                                   trio.socket.SOCK_STREAM)
         stream: trio.socket.SocketType | trio.SSLStream = sock

@@ -39,6 +39,8 @@ Environment:
                                ``inprocess``: no server at all (genie._setup picks LocalBackend)
     GENIE_TLS=1 | ca.pem       speak TLS to GENIE_SERVER, verified against the system's CAs or that
                                CA bundle (see ``connect``'s ``tls``)
+    GENIE_INSECURE=1           allow the token in cleartext to a server that is not on loopback
+                               (a trusted network); otherwise that is refused (CleartextTokenError)
     GENIE_RESIDENCY=0          naive mode (above)
     GENIE_PING_AFTER=5         seconds of silence, with requests in flight, before pinging the server
     GENIE_DEAD_AFTER=30        seconds of silence after which the server counts as lost
@@ -68,9 +70,9 @@ from genie.graph import (
 from genie.runtime import _backend
 from genie.runtime._backend import RunResult, Stats
 from genie.runtime._bridge import Bridge
-from genie.runtime._connection import TLS, Connection, tls_context, tls_from_env
+from genie.runtime._connection import TLS, Connection, insecure_from_env, tls_context, tls_from_env
 from genie.runtime._embedded import EmbeddedServer
-from genie.runtime._session import Session, constant_data, reads_of
+from genie.runtime._session import Session, constant_data, parse_weights_index, reads_of
 from genie.transport import Message, MissingOnServerError
 
 CONNECT_TIMEOUT = 30.0
@@ -95,11 +97,13 @@ class RemoteBackend:
     """Runs graphs on a ``genie serve`` at ``address`` ("host:port"), or on an embedded one (None)."""
 
     def __init__(self, address: str | None = None, token: str | None = None, *,
-                 residency: bool | None = None, tls: TLS = None) -> None:
+                 residency: bool | None = None, tls: TLS = None, insecure: bool | None = None) -> None:
         self.address = address
         self._host_port = parse_address(address) if address is not None else None
         self.token = token or ""
         self.tls = tls_context(tls)  # the embedded server is on loopback and speaks plain TCP
+        # a token goes in cleartext to another machine only when asked (GENIE_INSECURE=1)
+        self.insecure = insecure_from_env(os.environ.get("GENIE_INSECURE")) if insecure is None else insecure
         if residency is None:
             residency = os.environ.get("GENIE_RESIDENCY", "1").strip().lower() not in ("0", "false", "no")
         self.residency = residency
@@ -121,6 +125,7 @@ class RemoteBackend:
         # ticket, and every later run posts after it
         self._unposted = 0  # tickets not yet posted; while any, runs cannot post at once
         self._last_ticket: trio.Event | None = None
+        self._in_flight: dict[int, trio.Event] = {}  # submitted runs without a reply (``synchronize``)
         _OPEN.add(self)
 
     # -- the Backend protocol -------------------------------------------------------------------
@@ -174,6 +179,29 @@ class RemoteBackend:
         """Connect now (the first run would otherwise): a bad address or token fails here."""
         self.bridge().call(self._connect)
 
+    def synchronize(self) -> None:
+        """Wait until every run submitted so far has its reply, as ``torch.cuda.synchronize`` waits
+        for queued kernels. Their failures are not raised here: they surface where their values
+        are read."""
+        async def drained() -> None:
+            for done in list(self._in_flight.values()):
+                await done.wait()
+
+        self.bridge().call(drained)
+
+    def weights_index(self, name: str) -> list[tuple[str, torch.dtype, tuple[int, ...], str]]:
+        """(tensor name, dtype, shape, content digest) of each tensor of checkpoint ``name`` in the
+        server's weights store (``genie serve --weights DIR``); no weight bytes move. WeightsError
+        when the server refuses the name."""
+        async def ask() -> list[tuple[str, torch.dtype, tuple[int, ...], str]]:
+            sess = await self._connect()
+            reply = await sess.conn.request(Message("weights", {"name": name}))
+            index = parse_weights_index(reply["tensors"])
+            sess.known.update(d for *_, d in index)  # held by the server: never uploaded
+            return index
+
+        return self.bridge().call(ask)
+
     def server_stats(self) -> dict:
         """The server's own counters (constants held, evictions, template hits, ...)."""
         async def ask() -> dict:
@@ -208,7 +236,7 @@ class RemoteBackend:
                     self._pid, self._embedded = os.getpid(), \
                         (EmbeddedServer() if self.address is None else None)
                 self._session, self._connect_lock = None, None
-                self._unposted, self._last_ticket = 0, None
+                self._unposted, self._last_ticket, self._in_flight = 0, None, {}
                 b = self._bridge = Bridge()
             return b
 
@@ -306,7 +334,12 @@ class RemoteBackend:
                       names: list[int], reads: list[int]) -> None:
         """``submit`` in the bridge loop: ``_start_run``, with nobody waiting; its outcome only
         marks the handles (and lets go of the handles it reads)."""
+        done = trio.Event()
+        self._in_flight[id(done)] = done
+
         def settle(result: outcome.Outcome) -> None:
+            self._in_flight.pop(id(done), None)
+            done.set()
             self._unpin(reads)
             self._settle_submit(names, result)
 
@@ -398,7 +431,7 @@ class RemoteBackend:
                 (host, port), token, tls = self._host_port, self.token, self.tls  # type: ignore[misc]
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):
-                    conn = await Connection.open(host, port, token, self.stats, tls)
+                    conn = await Connection.open(host, port, token, self.stats, tls, insecure=self.insecure)
             except trio.TooSlowError:
                 raise ConnectionLostError(f"timed out connecting to the genie server at {host}:{port}") \
                     from None
@@ -465,7 +498,7 @@ def backend_from_env() -> RemoteBackend:
 
 
 def connect(address: str | None = None, token: str | None = None, *,
-            residency: bool | None = None, tls: TLS = None) -> RemoteBackend:
+            residency: bool | None = None, tls: TLS = None, insecure: bool | None = None) -> RemoteBackend:
     """Point this process at the genie server at ``address`` ("host:port"; None: an embedded one).
 
     Connects at once, so a wrong address, token or certificate raises here. Tensors kept on the
@@ -476,11 +509,15 @@ def connect(address: str | None = None, token: str | None = None, *,
     ``--tls-cert``/``--tls-key``: True verifies its certificate against the system's CAs, a path
     against that CA bundle (PEM), and an ``ssl.SSLContext`` is used as it is. The certificate must
     name the host in ``address``. The embedded server (``address`` None) is plain loopback.
+
+    A token never goes in cleartext to another machine: with a token, no ``tls`` and an address
+    that is not loopback, this raises CleartextTokenError, unless ``insecure=True`` (default
+    ``$GENIE_INSECURE``) says the network is trusted.
     """
     if tls is None and address is not None:
         tls = tls_from_env(os.environ.get("GENIE_TLS"))
     b = RemoteBackend(address, token if token is not None else os.environ.get("GENIE_TOKEN"),
-                      residency=residency, tls=tls)
+                      residency=residency, tls=tls, insecure=insecure)
     try:
         b.connect()
     except BaseException:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import trio
 
-from genie._errors import ConnectionLostError, GenieError, RemoteProtocolError
+from genie._errors import ConnectionLostError, GenieError, RemoteProtocolError, WeightsError
 from genie.graph import (
     CONST,
     RESIDENT,
@@ -46,7 +46,7 @@ from genie.graph import (
 )
 from genie.runtime._backend import RunResult, Stats
 from genie.runtime._connection import Connection, Waiter
-from genie.transport import LIMITS, Message, error_from_message
+from genie.transport import DTYPES, LIMITS, Message, error_from_message
 
 MAX_SLOTS: int = LIMITS["max_slots"].default  # type: ignore[assignment]  # the server's, per connection
 MAX_BUFFERS: int = LIMITS["max_buffers"].default  # type: ignore[assignment]  # per frame, by default
@@ -116,14 +116,11 @@ class Session:
     # -- constants -------------------------------------------------------------------------------
     def lacks_big_constants(self, data: dict[str, torch.Tensor]) -> bool:
         """Whether a run of ``data`` must first ask the server for constants (``ensure_constants``)."""
-        return self.residency and any(d not in self.known and _nbytes(t) > INLINE_MAX
-                                      for d, t in data.items())
+        return any(d not in self.known and _asked_for(t, self.residency) for d, t in data.items())
 
     async def ensure_constants(self, data: dict[str, torch.Tensor]) -> None:
         """Make sure the server holds every big constant: ask which it lacks, upload those."""
-        if not self.residency:
-            return
-        big = [d for d, t in data.items() if d not in self.known and _nbytes(t) > INLINE_MAX]
+        big = [d for d, t in data.items() if d not in self.known and _asked_for(t, self.residency)]
         for d in big:
             ev = self.uploading.get(d)
             if ev is not None:  # another run of ours is sending it
@@ -183,7 +180,7 @@ class Session:
         state must follow post order, and the inputs must follow their run."""
         inputs = [wire_tensor(t) for t in inputs]  # first: a bad input must leave no slot state
         stats = self.stats
-        inline = [d for d in data if not self.residency or d not in self.known]
+        inline = [d for d in data if d not in self.known or (not self.residency and not data[d].is_meta)]
         self.known.update(inline)
         stats.uploads += len(inline)
         stats.uploads_skipped += len(data) - len(inline)
@@ -292,6 +289,25 @@ class Session:
         return RunResult(fetched, list(handles), [decode_meta(m) for m in metas], timeline, arrived)
 
 
+def parse_weights_index(tensors: object) -> list[tuple[str, torch.dtype, tuple[int, ...], str]]:
+    """A weights ``index`` reply's tensors, checked (the server's word, but a malformed one is a
+    protocol error, not a crash later)."""
+    out = []
+    if isinstance(tensors, list):
+        for entry in tensors:
+            if not (isinstance(entry, list) and len(entry) == 4):
+                break
+            name, dtype, shape, digest = entry
+            dt = DTYPES.get(dtype) if isinstance(dtype, str) else None
+            if (not isinstance(name, str) or dt is None or not isinstance(digest, str)
+                    or not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape)):
+                break
+            out.append((name, dt, tuple(shape), digest))
+        else:
+            return out
+    raise RemoteProtocolError("a weights index must list [name, dtype, shape, digest] per tensor")
+
+
 def reads_of(graph: Graph) -> list[int]:
     """The handles of the kept values ``graph`` reads."""
     return [n.args[0] for n in graph.nodes if n.op == RESIDENT]
@@ -310,8 +326,18 @@ def constant_data(graph: Graph, constants: dict[str, torch.Tensor]) -> dict[str,
     return data
 
 
+def _asked_for(t: torch.Tensor, residency: bool) -> bool:
+    """Whether a constant is asked for with ``has`` (and uploaded if missing) rather than sent inline:
+    a big one, or one whose bytes only the server's weights store holds (a meta tensor here)."""
+    return t.is_meta or (residency and _nbytes(t) > INLINE_MAX)
+
+
 def wire_tensor(t: torch.Tensor) -> torch.Tensor:
     t = t.detach()
+    if t.is_meta:  # bound by genie.remote_state_dict: this process never held its bytes
+        raise WeightsError(f"a {str(t.dtype).removeprefix('torch.')}{list(t.shape)} weight comes from the "
+                           "server's weights store, which no longer has it (did its file change, or "
+                           "is this another server?): bind it again with genie.remote_state_dict")
     if t.device.type == "remote_accelerator":  # materializing it would block this very loop
         raise TypeError("a run's inputs must be host tensors, not remote_accelerator ones "
                         "(genie.execute brings those to the host itself)")

@@ -116,7 +116,7 @@ class ExecutionPlan:
         for s in self.stages:
             for i in s.ready_outputs:
                 ready[i] = s.index
-        return StageSchedule(self.key, tuple(n for n in starts if n is not None), tuple(ready))
+        return StageSchedule(tuple(n for n in starts if n is not None), tuple(ready))
 
     def __str__(self) -> str:
         from genie.semantic._format import format_plan

@@ -270,7 +270,7 @@ class Scheduler:
         residency = _residency(g, kv)
         if old is None:
             last_use = _last_uses(g)
-            stage_of, members = StageSchedule("", starts, ()).layout(g)
+            stage_of, members = StageSchedule(starts, ()).layout(g)
             stages = _stage_records(g, members, stage_of, last_use, out_ready, residency, cost.nodes)
         else:  # the stages' membership and every value's last reader are structural
             last_use, stage_of = old.last_use, old.stage_of

@@ -9,7 +9,8 @@ Call tree::
 
     run_graph(graph, inputs, device=, constants=, residents=, schedule=, ...)
       private_constants(graph, written)   each CONST node the program writes: its own copy, never
-                                          the shared (or the caller's) tensor
+                                          the shared (or the caller's) tensor; the interpreter
+                                          refuses any other write to a constant's memory
       Interpreter(...)                    no schedule: program order
       StagedInterpreter(...)              a schedule: stage by stage, get_input / on_output hooks
       compute(lambda: interp.run(inputs)) the caller's wrapper (a server's device stream and slot)
@@ -51,20 +52,29 @@ def run_graph(graph: Graph, inputs: Sequence[torch.Tensor | None], *, device: to
     for a staged run, its timeline."""
     if written is None:
         written, _ = written_sources(graph)
+    clones: dict[str, torch.Tensor] = {}
     if written:  # constants are shared (or the caller's own tensors): writes go to copies
         graph, clones = private_constants(graph, written, constants)
         constants = ChainMap(clones, constants)  # type: ignore[arg-type]
     interp: Interpreter
     if schedule is None:
-        interp = Interpreter(graph, device=device, constants=constants, residents=residents, on_node=on_node)
+        interp = Interpreter(graph, device=device, constants=constants, residents=residents, on_node=on_node,
+                             private=clones.keys())
     else:
         interp = StagedInterpreter(graph, schedule, device=device, constants=constants, residents=residents,
                                    get_input=get_input, on_output=on_output, early=early, meter=meter,
-                                   layout=layout)
+                                   layout=layout, private=clones.keys())
         interp.on_node = on_node
     run = lambda: interp.run(inputs)  # type: ignore[arg-type]  # noqa: E731
-    values = compute(run) if compute is not None else run()
-    return values, interp.timeline if isinstance(interp, StagedInterpreter) else None
+    try:
+        values = compute(run) if compute is not None else run()
+        timeline = interp.timeline if isinstance(interp, StagedInterpreter) else None
+    finally:
+        # an interpreter is a reference cycle (its table of bound methods): without this, what it
+        # held (inputs, which are received frames counted against the memory limit, and values)
+        # would wait for a GC pass
+        vars(interp).clear()
+    return values, timeline
 
 
 def unshared(values: Sequence[torch.Tensor], pool: Mapping[str, torch.Tensor],
@@ -79,12 +89,15 @@ def unshared(values: Sequence[torch.Tensor], pool: Mapping[str, torch.Tensor],
 
 
 def _copy(v: torch.Tensor) -> torch.Tensor:
-    """A copy of only the view's elements, with its strides where they allow one (what the client
-    recorded for it); an overlapping view (``expand``) becomes a plain copy of its values."""
-    try:
-        return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device).copy_(v)
-    except RuntimeError:  # "more than one element of the written-to tensor refers to ..."
-        return v.clone(memory_format=torch.contiguous_format)
+    """A copy with memory of its own and the view's offset and strides, which the client recorded
+    for it: a view of part of its storage copies that whole storage, since ``as_strided`` with an
+    explicit offset addresses the storage (it read other elements, or memory nobody wrote, from a
+    copy of the view's elements alone)."""
+    storage = v.untyped_storage()
+    if v.storage_offset() == 0 and storage.nbytes() == v.numel() * v.element_size():
+        return v.clone(memory_format=torch.preserve_format)  # the view is its whole storage
+    return torch.empty(0, dtype=v.dtype, device=v.device).set_(storage.clone(), v.storage_offset(), v.shape,
+                                                              v.stride())
 
 
 def written_sources(graph: Graph) -> tuple[list[str], bool]:

@@ -3,8 +3,11 @@ by channels. What each request does is ``_requests``.
 
 Call tree::
 
-    ConnectionHandler(server, stream).serve()   stream: a trio socket, or a trio.SSLStream (TLS)
-      handshake()                       (TLS handshake) hello -> token check -> welcome (or error + close)
+    ConnectionHandler(server, sock, peer).serve()   in the tenant's worker process (``_workers``);
+                                        sock: the client's socket, handed over by the front process
+                                        after it read the hello and checked the token (for TLS, one
+                                        end of a local pair the front relays the decrypted bytes to)
+      welcome()                         the welcome (device, max frame, clock, this worker's pid)
       receive_loop()                    frames -> work queue, in order; ping answered at once;
                                         a run's streamed ``input`` frames go straight to its Inbound;
                                         ``cancel`` at once: the run's Cancel is set (see on_run)
@@ -19,7 +22,11 @@ Call tree::
           run cancelled: the worker stops at its next node (a staged run: node or stage) boundary,
                waits on the event loop end, its inputs and slot are let go; reply: error ``cancelled``
       send_loop()                       replies -> bytes -> socket (a small reply with nothing
-                                        queued before it is written by the work task at once)
+                                        queued before it is written by the work task at once);
+                                        queued replies count against the memory limit until
+                                        written, and past REPLY_QUEUE_BYTES/_ITEMS the receive and
+                                        work tasks wait for them (replies_read): a client that
+                                        does not read is not read
       finally: residents freed; a run still waiting for streamed inputs is failed
 
 Runs of one connection (many sessions multiplexed on it) compute at once, as if they ran one at a
@@ -27,7 +34,8 @@ time in arrival order: a run waits only for earlier ones that keep a handle it r
 same resident values (_order), so a long prefill does not hold up other sessions' decode steps. The
 device's compute slots (``--workers``) bound them across connections. Compute runs in worker
 threads, so it never stops the event loop from serving other connections; only a run whose cost is
-bounded by a few KiB touched runs on the loop, where a thread hop would cost more. A frame that
+proven bounded by a few KiB touched (``_inline``) runs on the loop, where a thread hop would cost
+more. A frame that
 breaks the protocol closes this connection only; an error inside a run becomes an ``error`` reply.
 
 Results are sent from the tensors themselves, without a copy. So a run that writes to a resident
@@ -38,11 +46,11 @@ every client under its digest) writes to its own copy.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import math
 import os
 import sys
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -50,8 +58,8 @@ import torch
 import trio
 
 from genie._errors import (
-    AuthenticationError,
     GenieError,
+    LocalProtocolError,
     ProtocolError,
     RemoteMemoryError,
     RemoteProtocolError,
@@ -60,8 +68,8 @@ from genie.server._inbound import Inbound
 from genie.server._job import Cancel
 from genie.server._order import Order
 from genie.server._reader import RunReader
-from genie.server._requests import REQUESTS, Pending, expect_tensors
-from genie.server._residency import Residents
+from genie.server._requests import REQUESTS, Pending, expect_tensors, forget_names
+from genie.server._residency import Residents, held_bytes
 from genie.transport import (
     GONE,
     SERVER,
@@ -69,6 +77,7 @@ from genie.transport import (
     Message,
     Protocol,
     RunCancelledError,
+    State,
     close_now,
     error_message,
     receive_message,
@@ -81,6 +90,8 @@ if TYPE_CHECKING:
     from genie.server._serve import Server
 
 SMALL_REPLY = 32 << 10  # payload bytes of a reply written at once by the work task (see reply)
+REPLY_QUEUE_BYTES = 64 << 20  # replies a connection may leave unread before it is read no more
+REPLY_QUEUE_ITEMS = 1024
 
 
 class ConnectionHandler:
@@ -90,13 +101,17 @@ class ConnectionHandler:
         self.peer = peer
         lim = server.limits
         self.proto = Protocol(SERVER, max_frame=lim.max_frame, max_header=lim.max_header,
-                              max_buffers=lim.max_buffers, allocate=self._allocate)
+                              max_buffers=lim.max_buffers, allocate=self._allocate, state=State.GREETED)
         self.residents = Residents(server.pool)
         self.order = Order(self.residents)  # which earlier requests each request waits for
         self.runs_done = 0
         self.reader = RunReader(server)  # this connection's template slots; a run's graph field -> Graph
-        self.outbox, self._outbox_recv = trio.open_memory_channel[Message | memoryview](math.inf)
+        # replies to send, each with the bytes it holds (counted in the pool's reply_bytes until
+        # written); past REPLY_QUEUE_BYTES or _ITEMS the connection's requests wait (replies_read)
+        self.outbox, self._outbox_recv = trio.open_memory_channel[tuple[Message | memoryview, int]](math.inf)
         self._queued = 0  # outbox items not yet written: a reply may skip the queue only when 0
+        self._queued_bytes = 0
+        self._drained = trio.Event()  # set when the outbox is back under its bounds
         self._raw = writable_now(stream)
         self.work, self._work_recv = trio.open_memory_channel[Message](64)
         self.work_scope = trio.CancelScope()
@@ -114,14 +129,8 @@ class ConnectionHandler:
 
     # -- lifetime -------------------------------------------------------------------------------
     async def serve(self) -> None:
-        self.log("accepted")
         try:
-            with trio.move_on_after(self.server.hello_timeout):
-                if not await self.handshake():
-                    return
-            if not self.greeted:
-                self.log(f"refused: no hello within {self.server.hello_timeout:g} s")
-                return
+            await self.welcome()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._guard, self.send_loop)
@@ -149,10 +158,11 @@ class ConnectionHandler:
         self._nursery.cancel_scope.cancel()
 
     def _allocate(self, n: int) -> memoryview:
-        """Memory for a frame's payload of ``n`` bytes, once its header is in: refused (before a
-        byte of it is buffered) when it could never fit under the memory limit."""
-        self.server.pool.admit_frame(n)
-        return self.server.device.allocate(n)
+        """Memory for a frame's payload of ``n`` bytes, once its header is in, counted under the
+        memory limit until nothing holds it (``ConstantPool.hold_frame``): refused, before a byte of
+        it is buffered, when it does not fit, so that frames read ahead of the work loop (past
+        --max-runs) cannot make the server hold more than the limit."""
+        return self.server.pool.hold_frame(n, self.server.device.allocate)
 
     async def idle_watch(self) -> None:
         """End the connection once it has had nothing to do for the idle timeout (0: never)."""
@@ -184,39 +194,16 @@ class ConnectionHandler:
         if self.server.verbose:
             print(f"genie serve: {self.peer}: {text}", file=sys.stderr, flush=True)
 
-    async def handshake(self) -> bool:
-        if isinstance(self.stream, trio.SSLStream):
-            try:
-                await self.stream.do_handshake()
-            except trio.BrokenResourceError as e:  # not TLS (a plain client), or a TLS alert
-                self.log(f"refused: TLS handshake failed: {e.__cause__ or e}")
-                return False
-        try:
-            msg = await receive_message(self.stream, self.proto)
-        except RemoteProtocolError as e:
-            self.log(f"refused: bad greeting: {e}")
-            return False
-        if msg is None:
-            self.log("refused: closed by the client before its hello")
-            return False
-        expected = self.server.token
-        if msg["version"] != VERSION:
-            reply = error_message(0, RemoteProtocolError(f"server speaks version {VERSION}, client "
-                                                         f"{msg['version']}"))
-        elif expected and not hmac.compare_digest(msg["token"].encode(), expected.encode()):
-            reply = error_message(0, AuthenticationError("bad token"))
-        else:
-            reply = Message("welcome", {"version": VERSION, "device": str(self.server.device),
-                                        "max_frame": self.server.max_frame, "clock": time.perf_counter_ns(),
-                                        "pid": os.getpid()})
+    async def welcome(self) -> None:
+        """The front process read this connection's hello and checked its token before handing the
+        connection here; the welcome comes from here, where the device is."""
+        reply = Message("welcome", {"version": VERSION, "device": str(self.server.device),
+                                    "max_frame": self.server.max_frame, "clock": time.perf_counter_ns(),
+                                    "pid": os.getpid()})
         await send_parts(self.stream, self.proto.send(reply))
-        if reply.kind == "error":
-            self.log(f"refused: {reply['message']}")
-            return False
-        self.log(f"hello ok (protocol {VERSION}{', token checked' if expected else ''})")
-        self.server.stats["connections"] += 1
         self.greeted = True
-        return True
+        self.server.stats["connections"] += 1
+        self.log(f"adopted by tenant {self.server.tenant!r}'s worker (pid {os.getpid()})")
 
     # -- the three tasks ------------------------------------------------------------------------
     async def receive_loop(self) -> None:
@@ -241,6 +228,8 @@ class ConnectionHandler:
                             self._expect_inputs(msg)
                         self.cancels[msg["id"]] = Cancel()
                     await self.work.send(msg)
+                del msg  # its payload stays counted for as long as anything holds it
+                await self.replies_read()  # a client that does not read its replies is not read
             await trio.sleep_forever()  # fatal(): the send task finishes the conversation
         finally:  # no more frames: a run waiting for a streamed input must not wait forever
             self._abort_inbound(GenieError("the connection ended before this run's streamed inputs "
@@ -258,6 +247,8 @@ class ConnectionHandler:
             self._expect_inputs(msg)
             self.inbound[msg["id"]].run_done = True
             self.inbound[msg["id"]].abort(exc)
+        if msg.kind == "run":  # a later run reading a handle it named learns why it is not there
+            forget_names(self, msg)
         if "id" in msg.fields:
             self.queue(error_message(msg["id"], exc))
 
@@ -299,8 +290,44 @@ class ConnectionHandler:
             inbound.abort(exc)
 
     def queue(self, msg: Message | memoryview) -> None:
+        """Put ``msg`` in the outbox; the bytes it holds count against the memory limit until it is
+        written. After the send task has ended (the connection is going), it is dropped."""
+        n = held_bytes([msg]) if isinstance(msg, memoryview) else held_bytes(msg.buffers)
+        try:
+            self.outbox.send_nowait((msg, n))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):  # closed by fatal(), or ended
+            self._sent(msg, 0)  # nobody will write it: only what it was counted for is undone
+            return
         self._queued += 1
-        self.outbox.send_nowait(msg)
+        if n:
+            self._queued_bytes += n
+            self.server.pool.hold_replies(n)
+
+    def _sent(self, msg: Message | memoryview, n: int) -> None:
+        """``msg`` left the outbox (written, or dropped with the connection): uncount it."""
+        if n:
+            self._queued_bytes -= n
+            self.server.pool.drop_replies(n)
+        if not isinstance(msg, memoryview) and msg.kind in ("result", "part") and msg.buffers:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self.sent.set()
+                self.sent = trio.Event()
+        if not self._backed_up():
+            self._drained.set()
+
+    def _backed_up(self) -> bool:
+        return self._queued_bytes > REPLY_QUEUE_BYTES or self._queued > REPLY_QUEUE_ITEMS
+
+    async def replies_read(self) -> None:
+        """Until the outbox is back under its bounds (REPLY_QUEUE_BYTES, REPLY_QUEUE_ITEMS): a
+        client that does not read its replies gets no more requests read or admitted, rather than
+        an outbox that grows."""
+        while self._backed_up():
+            self.server.stats["reply_backpressure"] += 1
+            if self._drained.is_set():
+                self._drained = trio.Event()
+            await self._drained.wait()
 
     def reply(self, msg: Message) -> None:
         """Send a reply: a small one at once from this task when nothing is queued before it (a
@@ -315,18 +342,40 @@ class ConnectionHandler:
         if msg.kind in ("result", "error"):
             self.send_logs.pop(msg["id"], None)  # a traced result's timeline holds the list
         t0 = time.perf_counter_ns()
-        rest = send_now(raw, self.proto.send(msg))
+        rest = send_now(raw, self._encode(msg))
         self.server.stats["send_seconds"] += (time.perf_counter_ns() - t0) / 1e9
         if rest:
             self.queue(rest)
 
     async def send_loop(self) -> None:
-        async for msg in self._outbox_recv:
-            try:
-                await self._send(msg)
-            finally:
-                self._queued -= 1
-        # the outbox is closed only by fatal(): all is said, so returning ends the connection
+        try:
+            async for msg, n in self._outbox_recv:
+                try:
+                    await self._send(msg)
+                finally:
+                    self._queued -= 1
+                    self._sent(msg, n)
+                del msg  # written: its values go as soon as nothing else holds them
+            # the outbox is closed only by fatal(): all is said, so returning ends the connection
+        finally:  # nothing more is written: what is left is dropped, and uncounted
+            with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                while True:
+                    msg, n = self._outbox_recv.receive_nowait()
+                    self._queued -= 1
+                    self._sent(msg, n)
+            self._outbox_recv.close()  # later replies are dropped as they are queued
+
+    def _encode(self, msg: Message) -> list:
+        """``msg``'s frame, or, when it cannot be encoded (a result of a dtype with no wire form), an
+        error reply for its request in its place: the connection carries on. Nothing once the client
+        has closed its side: nobody is left to tell, and that is no error of ours."""
+        if self.proto.state is State.CLOSED:
+            self.server.stats["replies_dropped"] += 1
+            return []
+        try:
+            return self.proto.send(msg)
+        except LocalProtocolError as e:
+            return self.proto.send(error_message(msg.get("id", 0), e))
 
     async def _send(self, msg: Message | memoryview) -> None:
         stats = self.server.stats
@@ -336,16 +385,11 @@ class ConnectionHandler:
         if msg.kind in ("result", "error"):
             self.send_logs.pop(msg["id"], None)  # a traced result's timeline holds the list
         t0 = time.perf_counter_ns()
-        await send_parts(self.stream, self.proto.send(msg))
+        await send_parts(self.stream, self._encode(msg))
         t1 = time.perf_counter_ns()
         stats["send_seconds"] += (t1 - t0) / 1e9
         if msg.kind == "part" and msg["id"] in self.send_logs:
             self.send_logs[msg["id"]].append([f"send output {msg['output']}", t0, t1])
-        if msg.kind in ("result", "part") and msg.buffers:
-            self.in_flight -= 1
-            if not self.in_flight:
-                self.sent.set()
-                self.sent = trio.Event()
 
     async def work_loop(self) -> None:
         """Requests in arrival order. Each is checked and admitted here, one at a time (a run's graph
@@ -356,27 +400,36 @@ class ConnectionHandler:
         with self.work_scope:
             async with trio.open_nursery() as self._tasks:
                 async for msg in self._work_recv:
+                    await self.replies_read()  # nothing new while the client leaves replies unread
                     await slots.acquire()
-                    req_id = msg.get("id", 0)
-                    self.working += 1
-                    try:
-                        out = await REQUESTS[msg.kind](self, msg)
-                    except ProtocolError as e:  # malformed content: answer, then close this connection
-                        slots.release()
-                        self.fatal(e, req_id)
+                    if not await self._admit(msg, slots):
                         break
-                    except Exception as e:
-                        out = error_message(req_id, e)
-                    finally:
-                        self.working -= 1
-                        self._active = trio.current_time()
-                    if isinstance(out, Pending):
-                        self.start(out, slots)
-                        continue
-                    slots.release()
-                    if out is not None and not self.closing:
-                        self.reply(out)
+                    del msg  # a frame's payload is counted until nothing holds it
                 await trio.sleep_forever()  # fatal(): the send task finishes the conversation
+
+    async def _admit(self, msg: Message, slots: trio.Semaphore) -> bool:
+        """Check and admit one request, holding one of ``slots``; False when it broke the protocol."""
+        req_id = msg.get("id", 0)
+        self.working += 1
+        try:
+            out = await REQUESTS[msg.kind](self, msg)
+        except ProtocolError as e:  # malformed content: answer, then close this connection
+            slots.release()
+            self.fatal(e, req_id)
+            return False
+        except Exception as e:
+            out = error_message(req_id, e)
+            traceback.clear_frames(e.__traceback__)  # what the request held goes now (see _finish)
+        finally:
+            self.working -= 1
+            self._active = trio.current_time()
+        if isinstance(out, Pending):
+            self.start(out, slots)
+            return True
+        slots.release()
+        if out is not None and not self.closing:
+            self.reply(out)
+        return True
 
     def start(self, pending: Pending, slots: trio.Semaphore | None) -> None:
         self.working += 1
@@ -397,6 +450,9 @@ class ConnectionHandler:
                 return
             except Exception as e:
                 reply = error_message(ticket.id, e)
+                # the run's frames hold its inputs: let them go now, not when a GC pass finds the
+                # traceback's cycles (their received frames count against the memory limit)
+                traceback.clear_frames(e.__traceback__)
             if reply is not None and not self.closing:
                 self.reply(reply)
         finally:

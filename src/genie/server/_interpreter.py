@@ -14,8 +14,11 @@ Call tree::
           genie.input     -> bind_input(node):    inputs[position], on the device, in its own storage
           genie.const     -> bind_constant(node): constants[digest]
           genie.resident  -> bind_resident(node): residents[handle]
-          anything else   -> call_op(node): map device args, seed RNG, call, conj/neg views
-                             resolved to copies (later writes to their memory refused)
+          anything else   -> call_op(node): map device args; call, through guards.call for an op
+                             that needs one (indices in bounds, enum arguments, no write into a
+                             shared constant's memory, random ops from the run's own seed, fresh
+                             memory zeroed); conj/neg views resolved to copies (later writes to
+                             their memory refused)
         free values whose last user has run
       return [values of graph.outputs]
 """
@@ -24,13 +27,14 @@ from __future__ import annotations
 
 import functools
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from genie._errors import RemoteExecutionError, UnsupportedOpError
+from genie._errors import RemoteExecutionError, RemoteMemoryError, UnsupportedOpError
 from genie.graph import CONST, INPUT, RESIDENT, SOURCE_OPS, Graph, Node, Ref, map_refs, resolve_op
+from genie.server._guards import Guards, GuardTables
 from genie.server._memory import check_output
 
 _FUSED: dict[str, dict[str, Callable]] = {}  # device type -> fused-op table
@@ -45,6 +49,13 @@ def fused_ops(device: torch.device) -> dict[str, Callable]:
         table = _FUSED[device.type] = {name: (f.launcher if device.type == "cuda" else f.reference)
                                        for name, f in FUSED_OPS.items()}
     return table
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation that failed: torch's CPU allocator (a capped data segment),
+    CUDA's, or Python's own."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
 def own_storage(t: torch.Tensor) -> torch.Tensor:
@@ -92,7 +103,10 @@ class Interpreter:
         constants: Mapping[str, torch.Tensor],
         residents: Mapping[int, torch.Tensor] | None = None,
         on_node: Callable[[Node], None] | None = None,
+        private: Collection[str] = (),
     ) -> None:
+        """``private``: keys of ``constants`` that are this run's own copies; every other constant
+        is shared (the server's pool, or the caller's tensors), and no node may write its memory."""
         self.graph = graph
         self.device = device
         self.constants = constants
@@ -106,6 +120,8 @@ class Interpreter:
         for op in {n.op for n in graph.nodes if n.op not in SOURCE_OPS}:
             self._fns[op] = resolve_op(op, fused_ops(device) if op.startswith("genie.") else None)
         self._device_args = {op for op, fn in self._fns.items() if _device_by_position(fn)}
+        self._private = private
+        self.guards = Guards(graph.structural("guards", lambda g: GuardTables.of(self._fns)), device)
         self._kinds: dict[str, Callable[[Node], Any]] = {
             INPUT: self.bind_input, CONST: self.bind_constant, RESIDENT: self.bind_resident}
 
@@ -123,8 +139,8 @@ class Interpreter:
 
     def step(self, node: Node) -> None:
         """Run ``node``, then drop the values it was the last reader of."""
-        self._values[node.id] = value = self.run_node(node)
-        check_output(node, value)  # the client's metadata sized this run: hold it to it
+        # the client's metadata sized this run: hold the value to it (laid out as declared)
+        self._values[node.id] = check_output(node, self.run_node(node))
         if self.on_node is not None:
             self.on_node(node)
         for dead in self._dead_after.get(node.id, ()):
@@ -147,7 +163,10 @@ class Interpreter:
         return own_storage(self._inputs[node.args[0]].to(self.device))
 
     def bind_constant(self, node: Node) -> torch.Tensor:
-        return self.constants[node.args[0]]
+        t = self.constants[node.args[0]]
+        if node.args[0] not in self._private:
+            self.guards.protect(t)
+        return t
 
     def bind_resident(self, node: Node) -> torch.Tensor:
         return self.residents[node.args[0]]
@@ -168,11 +187,14 @@ class Interpreter:
         if self._copied and not self._copied.isdisjoint(node.writes):
             raise UnsupportedOpError(node.op, "it writes memory that a conjugate or negative view also "
                                      "holds; such views run as copies, so the write would not show")
-        try:
-            out = fn(*args, **kwargs) if node.seed is None else self._call_seeded(fn, node.seed, args, kwargs)
+        guards = self.guards
+        try:  # most ops need no guard: one set lookup
+            out = guards.call(node, fn, args, kwargs) if node.op in guards.special else fn(*args, **kwargs)
         except UnsupportedOpError:
             raise
         except Exception as e:
+            if out_of_memory(e):  # past the worker's allocator cap (``_workers.cap_memory``)
+                raise RemoteMemoryError(f"{node.op} could not allocate its memory: {e}") from e
             raise RemoteExecutionError(f"{type(e).__name__}: {e}", op=node.op,
                                        remote_traceback=traceback.format_exc()) from e
         plain = _plain(out)
@@ -183,13 +205,3 @@ class Interpreter:
     def _local_device(self, d: torch.device | str) -> torch.device:
         d = torch.device(d)
         return d if d.type == "cpu" else self.device
-
-    def _call_seeded(self, fn: Callable, seed: int, args: tuple, kwargs: dict) -> Any:
-        schema = getattr(fn, "_schema", None)
-        if schema is not None and any(a.name == "generator" for a in schema.arguments):
-            kwargs["generator"] = torch.Generator(self.device).manual_seed(seed)
-            return fn(*args, **kwargs)
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            return fn(*args, **kwargs)

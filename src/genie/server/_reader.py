@@ -7,7 +7,9 @@ Call tree::
     RunReader(server).read(msg)          in a worker thread when big (``_heavy``), else on the loop
       _graph(msg)                        graph "bytes": _parse (bounded before the parse), _register
                                          graph "slot": _fill (``fix`` in the header, or two vectors)
-      _schedule(msg, graph)              a stage schedule sent whole or named by its key, checked
+      check_metas(graph)                 always: declared sizes, strides, offsets non-negative, bounded
+      _schedule(msg, graph)              a stage schedule sent whole or named by its key (the digest
+                                         of its content, computed here), checked against the graph
       check_sizes, predict_peak          under a memory limit: the run's predicted peak
 
 A slot's state follows the order of the runs that fill it, so a connection decodes its runs one at a
@@ -31,12 +33,13 @@ from genie.graph import (
     StageSchedule,
     Template,
     apply,
+    check_vetted,
     fix_lists,
     graph_from_bytes,
     predict,
     split,
 )
-from genie.server._memory import check_sizes
+from genie.server._memory import check_metas, check_sizes
 from genie.server._memory import predict as predict_peak
 from genie.server._residency import MissingScheduleError
 from genie.transport import Message
@@ -89,13 +92,17 @@ class RunReader:
 
     def _prepare(self, msg: Message) -> Decoded:
         graph, n_graph = self._graph(msg)
+        if self.server.config.ops != "all":  # --ops vetted: only the ops real models use (structural)
+            graph.structural("vetted", lambda g: check_vetted(n.op for n in g.nodes))
+        check_metas(graph)  # always: sizes decide the predicted peak and which runs go inline
         schedule, layout = self._schedule(msg, graph)
         pool = self.server.pool
         if pool.limit is None:
             return graph, n_graph, schedule, layout, 0
         check_sizes(graph)
         consts = {n.args[0]: pool.nbytes(n.args[0]) for n in graph.nodes if n.op == CONST}
-        return graph, n_graph, schedule, layout, predict_peak(graph, consts).peak
+        peak = predict_peak(graph, consts, inputs_held=not self.server.device.cuda).peak
+        return graph, n_graph, schedule, layout, peak
 
     def _schedule(self, msg: Message, graph: Graph) -> tuple[StageSchedule | None, list[list[int]] | None]:
         """The run's stage schedule (sent whole and cached under its key, or named by key) and its

@@ -11,8 +11,9 @@ Call tree (``ConnectionHandler.work_loop`` calls ``REQUESTS[kind](conn, msg)``, 
       check_names, order.admit         the handles it names; its ticket
     -> Pending(_run)                   in a task of its own: wait for the ticket, then _execute:
       _compute(run_job)                in a worker thread holding a compute slot and its predicted
-                                       peak; a tiny run (``_tiny``: CPU, no stages, few nodes and
-                                       bytes) on the event loop instead, holding the same
+                                       peak; a tiny run (``_inline.runs_inline``: CPU, no stages,
+                                       few nodes and bytes, proven from the graph) on the event
+                                       loop instead, holding the same
       -> the result message            (the handler sends it)
 
 A cancelled run stops at its next node (a staged run: node or stage) boundary; its reply is an
@@ -31,9 +32,10 @@ from typing import TYPE_CHECKING
 import torch
 import trio
 
-from genie._errors import GenieError, RemoteProtocolError
-from genie.graph import CONST, RESIDENT, SOURCE_OPS, content_digest
+from genie._errors import GenieError, RemoteProtocolError, WeightsError
+from genie.graph import CONST, RESIDENT, SOURCE_OPS, Graph, content_digest
 from genie.server._inbound import Inbound
+from genie.server._inline import confirm, runs_inline
 from genie.server._job import Cancel, Job, JobResult, Lender, run_job, written_sources
 from genie.server._order import Ticket
 from genie.transport import Message, RunCancelledError
@@ -42,8 +44,7 @@ if TYPE_CHECKING:
     from genie.server._handler import ConnectionHandler
 
 INLINE_BYTES = 1 << 20  # a constant this small is checked and stored on the event loop
-TINY_NODES = 32  # a run this small (in nodes and in bytes touched) runs on the event loop
-TINY_BYTES = 64 << 10
+CONFIRM_INLINE = 4  # nodes of a tiny run confirmed on the meta device on the loop (see _inline)
 
 
 @dataclass
@@ -57,8 +58,39 @@ class Pending:
 
 
 async def on_has(conn: ConnectionHandler, msg: Message) -> Message:
+    """Which of the digests the server lacks: neither held nor in its weights store."""
     digests = msg["digests"]
-    return Message("have", {"id": msg["id"], "missing": conn.server.pool.missing(digests)})
+    store = conn.server.store
+    missing = conn.server.pool.missing(digests)
+    if store is not None:
+        missing = [d for d in missing if not store.known(d)]
+    return Message("have", {"id": msg["id"], "missing": missing})
+
+
+async def on_weights(conn: ConnectionHandler, msg: Message) -> Message:
+    """The tensors of a checkpoint in the weights store, by name: indexing a file reads it whole
+    (once; then its sidecar answers), so it runs in a worker thread."""
+    store = conn.server.store
+    if store is None:
+        raise WeightsError(f"weights {msg['name']!r:.200}: this server has no weights store (start it "
+                           "with genie serve --weights DIR)")
+    tensors = await trio.to_thread.run_sync(store.tensors, msg["name"])
+    return Message("index", {"id": msg["id"], "tensors": [t.to_wire() for t in tensors]})
+
+
+async def load_stored(conn: ConnectionHandler, digests: list[str]) -> None:
+    """Bring the constants a run names that only the weights store holds into the pool (read and
+    digest-checked in a worker thread; counted against the memory limit like any constant)."""
+    server = conn.server
+    store = server.store
+    if store is None:
+        return
+    for d in server.pool.missing(digests):
+        if store.known(d):
+            host = await trio.to_thread.run_sync(store.load, d)
+            if host is not None:
+                await trio.to_thread.run_sync(functools.partial(server.pool.put, d, host,
+                                                                server.device.to_device))
 
 
 async def on_upload(conn: ConnectionHandler, msg: Message) -> Message:
@@ -80,10 +112,23 @@ async def _store_constants(conn: ConnectionHandler, digests: list[str], tensors:
 
 
 def _put(conn: ConnectionHandler, digest: str, t: torch.Tensor) -> None:
+    """Store a received constant. It never stays a view of the frame it came in (a 4-byte constant
+    would hold a whole receive block, uncounted): on CUDA it is copied to the device anyway; on the
+    CPU a constant that is most of its frame's payload is adopted as it is (the frame's bytes
+    become the constant's), any other is copied."""
     if content_digest(t) != digest:  # else a client could shadow another's weights
         raise RemoteProtocolError(f"constant {digest[:16]}... does not have that content digest")
-    conn.server.pool.put(digest, t, conn.server.device.to_device)
+    device = conn.server.device
+    if device.cuda:
+        conn.server.pool.put(digest, t, device.to_device)
+    else:
+        conn.server.pool.put(digest, t, _own_copy, adopt=True)
     conn.server.stats["uploads"] += 1
+
+
+def _own_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.clone(memory_format=torch.contiguous_format)
+
 
 
 async def on_free(conn: ConnectionHandler, msg: Message) -> Pending | None:
@@ -141,7 +186,7 @@ async def on_run(conn: ConnectionHandler, msg: Message) -> Pending:
     except BaseException as e:
         if isinstance(e, RunCancelledError):
             conn.server.stats["cancelled"] += 1
-        _forget_names(conn, msg)
+        forget_names(conn, msg)
         _run_ended(conn, req_id, cancel, inbound)
         raise
     return Pending(ticket, functools.partial(_run, conn, job, peak, ticket, writes))
@@ -177,10 +222,10 @@ async def _admit_run(conn: ConnectionHandler, msg: Message, inbound: Inbound | N
     return job, peak, ticket, writes_residents
 
 
-def _forget_names(conn: ConnectionHandler, msg: Message) -> None:
+def forget_names(conn: ConnectionHandler, msg: Message) -> None:
     """A run failed before it was admitted: a later run reading a handle it named learns so."""
     names = msg.get("names") or []
-    if len(names) <= len(msg["keep"]):
+    if isinstance(names, list) and len(names) <= len(msg["keep"]) and all(type(h) is int for h in names):
         for h in names:
             if not conn.order.live(h):
                 conn.order.forget(h, msg["id"])
@@ -220,6 +265,7 @@ async def _execute(conn: ConnectionHandler, job: Job, peak: int, ticket: Ticket,
     if writes_residents:  # a resident being sent must not change under the send
         while conn.in_flight:
             await conn.sent.wait()
+    await load_stored(conn, job.consts)
     device = server.device
     # on CUDA, staging and copying back run beside other connections' compute (copy stream);
     # on the CPU both are free, so one worker thread does the whole run
@@ -265,14 +311,20 @@ def _bind_inputs(conn: ConnectionHandler, msg: Message, n_graph: int,
 async def _compute(conn: ConnectionHandler, run: Callable[..., JobResult], job: Job, peak: int) -> JobResult:
     """``run`` holding a compute slot, with the job's predicted peak reserved under the memory
     limit (its constants pinned first, so making room cannot evict them): in a worker thread, or
-    on the event loop when it is tiny (see ``_tiny``) and a slot is free at once."""
+    on the event loop when it is tiny (see ``_inline``) and a slot is free at once."""
     server = conn.server
-    if not server.device.cuda and job.schedule is None and all(n.op in SOURCE_OPS
-                                                               for n in job.graph.nodes):
+    if (not server.device.cuda and job.schedule is None and all(n.op in SOURCE_OPS for n in job.graph.nodes)
+            and sum(t.nbytes for t in job.inputs if t is not None) <= INLINE_BYTES):  # (keep may copy)
         return run(lender=None)  # nothing to compute (``.cpu()`` of a kept value): no thread needed
     with server.pool.pinned(job.consts), server.pool.run_reservation(peak):
         lender = Lender(server.compute_limiter)
-        if _tiny(job, server.device.cuda) and lender.try_acquire():
+        inline, unconfirmed = runs_inline(job, server.device.cuda, server.pool, conn.residents)
+        if 0 < len(unconfirmed) <= CONFIRM_INLINE:  # a few nodes' outputs not known from their
+            confirm(job.graph, unconfirmed)  # inputs yet: meta kernels find out (no real sizes)
+            inline, unconfirmed = runs_inline(job, server.device.cuda, server.pool, conn.residents)
+        if unconfirmed:  # more: the worker thread finds out after the run, for next time
+            run = functools.partial(_confirming, run, job.graph, unconfirmed)
+        if inline and lender.try_acquire():
             # a thread hop costs more than the run (~100 us each way under load); a tiny run
             # blocks the loop for less than that, and holds the slot like any other run
             try:
@@ -304,28 +356,15 @@ REQUESTS: dict[str, Callable[[ConnectionHandler, Message], Awaitable[Message | P
     "fetch": on_fetch,
     "free": on_free,
     "stats": on_stats,
+    "weights": on_weights,
 }
 
 
-def _tiny(job: Job, cuda: bool) -> bool:
-    """Whether ``job`` may run on the event loop: a CPU run with no stages, of at most TINY_NODES
-    nodes whose values (inputs, constants and residents read included) add up to at most TINY_BYTES.
-    Its cost is bounded by what it touches, so it stalls other connections by microseconds. (A
-    matmul's work grows faster than its bytes: TINY_BYTES keeps even that well under a millisecond.)"""
-    nodes = job.graph.nodes
-    if cuda or job.schedule is not None or job.inbound is not None or len(nodes) > TINY_NODES:
-        return False
-    total = 0
-    for n in nodes:
-        for m in n.outputs:
-            total += _numel(m.shape) * m.dtype.itemsize
-    return total <= TINY_BYTES
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    out = 1
-    for d in shape:
-        out *= d
+def _confirming(run: Callable[..., JobResult], graph: Graph, nodes: list, **kw: object) -> JobResult:
+    """``run`` in its worker thread, then confirm ``nodes`` there (meta kernels can take a
+    millisecond): the next run of these nodes may go on the event loop."""
+    out = run(**kw)
+    confirm(graph, nodes)
     return out
 
 

@@ -98,8 +98,8 @@ class StagedInterpreter(Interpreter):
                  get_input: Callable[[int], torch.Tensor] | None = None,
                  on_output: Callable[[int, torch.Tensor], None] | None = None,
                  early: Collection[int] = (), meter: bool = False,
-                 layout: list[list[int]] | None = None) -> None:
-        super().__init__(graph, device=device, constants=constants, residents=residents)
+                 layout: list[list[int]] | None = None, private: Collection[str] = ()) -> None:
+        super().__init__(graph, device=device, constants=constants, residents=residents, private=private)
         self.schedule = schedule
         self.layout = layout if layout is not None else schedule.layout(graph)[1]  # node ids per stage
         self.get_input = get_input

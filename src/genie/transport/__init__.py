@@ -17,6 +17,7 @@ from genie.transport._protocol import (
     DEFAULT_MAX_FRAME,
     MESSAGES,
     NEED_DATA,
+    PREFIX,
     SERVER,
     TRANSITIONS,
     VERSION,
@@ -27,7 +28,8 @@ from genie.transport._protocol import (
 from genie.transport._tensors import DTYPES, as_bytes
 
 __all__ = ["BufferPool", "CLIENT", "CLOSED", "DEFAULT_MAX_FRAME", "DTYPES", "ERROR_KINDS", "GONE", "LIMITS",
-           "MESSAGES", "Limit", "Limits", "NEED_DATA", "SERVER", "TRANSITIONS", "VERSION", "Message",
+           "MESSAGES", "Limit", "Limits", "NEED_DATA", "PREFIX", "SERVER", "TRANSITIONS", "VERSION",
+           "Message",
            "MissingOnServerError", "Protocol", "RunCancelledError", "State", "as_bytes", "close_now",
            "error_from_message", "error_message", "receive_message", "send_now", "send_parts",
            "writable_now"]

@@ -6,6 +6,7 @@ An ``error`` message carries ``kind`` and ``message``, plus fields some kinds ad
     missing      MissingOnServerError             missing (digests), schedule (its key, or absent)
     memory       RemoteMemoryError                traceback
     unsupported  UnsupportedOpError               op
+    weights      WeightsError                     -
     cancelled    RunCancelledError                -
     auth         AuthenticationError              -
     protocol     RemoteProtocolError              -
@@ -28,6 +29,7 @@ from genie._errors import (
     RemoteMemoryError,
     RemoteProtocolError,
     UnsupportedOpError,
+    WeightsError,
 )
 from genie.transport._protocol import Message
 
@@ -53,7 +55,9 @@ ERROR_KINDS: tuple[tuple[type[BaseException], str], ...] = (
     (MissingOnServerError, "missing"),
     (RemoteMemoryError, "memory"),
     (torch.OutOfMemoryError, "memory"),
+    (MemoryError, "memory"),
     (UnsupportedOpError, "unsupported"),
+    (WeightsError, "weights"),
     (RunCancelledError, "cancelled"),
     (AuthenticationError, "auth"),
     (ProtocolError, "protocol"),
@@ -95,6 +99,8 @@ def error_from_message(msg: Message) -> Exception:
         missing, schedule = msg.get("missing"), msg.get("schedule")
         digests = [d for d in missing if isinstance(d, str)] if isinstance(missing, list) else []
         return MissingOnServerError(digests, schedule if isinstance(schedule, str) else None)
+    if kind == "weights":
+        return WeightsError(text)
     if kind == "cancelled":
         return RunCancelledError(text)
     if kind == "auth":

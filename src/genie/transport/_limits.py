@@ -37,9 +37,11 @@ LIMITS: dict[str, Limit] = {
                             "longest wait for a run's next streamed input before the run fails"),
     "idle_timeout": Limit(300.0, "seconds", "--idle-timeout",
                           "close a connection with nothing to do for this long (0: never)"),
-    "hello_timeout": Limit(10.0, "seconds", None, "time a new connection has to say hello"),
+    "hello_timeout": Limit(5.0, "seconds", "--hello-timeout", "time a new connection has to say hello"),
+    "max_unauthenticated": Limit(64, "count", "--max-unauthenticated",
+                                 "connections still to say hello at once; more are closed at once"),
     "max_connections": Limit(256, "count", "--max-connections",
-                             "open connections; more are closed at once"),
+                             "open connections past their hello; more are refused"),
     "max_runs": Limit(16, "count", "--max-runs",
                       "requests of one connection in progress at once (runs, and fetches and frees "
                       "waiting for them); past it the server stops reading that connection"),
@@ -64,6 +66,7 @@ class Limits:
     stream_timeout: float = LIMITS["stream_timeout"].default  # type: ignore[assignment]
     idle_timeout: float = LIMITS["idle_timeout"].default  # type: ignore[assignment]
     hello_timeout: float = LIMITS["hello_timeout"].default  # type: ignore[assignment]
+    max_unauthenticated: int = LIMITS["max_unauthenticated"].default  # type: ignore[assignment]
     max_connections: int = LIMITS["max_connections"].default  # type: ignore[assignment]
     max_runs: int = LIMITS["max_runs"].default  # type: ignore[assignment]
     workers: int | None = LIMITS["workers"].default  # type: ignore[assignment]

@@ -34,6 +34,8 @@ Messages (``MESSAGES``; every request carries an ``id`` that its reply repeats):
     ping     client  id                                       -                    pong
     pong     server  id                                       -
     cancel   client  id (of a run)                            -                    (none)
+    weights  client  id, name (a checkpoint in the store)     -                    index | error
+    index    server  id, tensors: [name, dtype, shape, digest] each   -
     error    server  id, kind, message (+ op, traceback,      -
                      missing, schedule); id 0: about the connection
                      (kinds: ``_errors.ERROR_KINDS``)
@@ -177,6 +179,8 @@ MESSAGES: dict[str, Spec] = {
     "input": Spec(16, CLIENT, {"id": _I, "input": _I}),
     "part": Spec(17, SERVER, {"id": _I, "output": _I}),
     "cancel": Spec(18, CLIENT, {"id": _I}),
+    "weights": Spec(19, CLIENT, {"id": _I, "name": _S}),
+    "index": Spec(20, SERVER, {"id": _I, "tensors": _L}),
 }
 _BY_CODE = {s.code: k for k, s in MESSAGES.items()}
 _READY_KINDS = {(s.sender, k) for k, s in MESSAGES.items() if k not in ("hello", "welcome")}
@@ -251,12 +255,15 @@ class Protocol:
     """One side (``role``) of one connection: state, framing and byte counts."""
 
     def __init__(self, role: str, *, max_frame: int = DEFAULT_MAX_FRAME, max_header: int = MAX_HEADER,
-                 max_buffers: int = MAX_BUFFERS, allocate: Allocator = _default_allocator) -> None:
+                 max_buffers: int = MAX_BUFFERS, allocate: Allocator = _default_allocator,
+                 state: State = State.START) -> None:
+        """``state``: where the conversation starts; GREETED on a server whose front process read the
+        hello already (``genie serve`` hands a greeted connection to a worker process)."""
         if role not in (CLIENT, SERVER):
             raise ValueError(f"role must be {CLIENT!r} or {SERVER!r}")
         self.role = role
         self.peer = SERVER if role == CLIENT else CLIENT
-        self.state = State.START
+        self.state = state
         self.max_frame = max_frame  # largest payload accepted from the peer
         self.max_header = max_header  # ... and header, once greeted (a JSON parse on the event loop)
         self.max_buffers = max_buffers  # ... and descriptors per frame (one tensor built per each)

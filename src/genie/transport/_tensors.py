@@ -30,10 +30,14 @@ def as_bytes(t: torch.Tensor) -> memoryview:
         t = t.resolve_neg()
     if not t.is_contiguous():
         t = t.contiguous()
-    if t.numel() == 0:
+    n = t.numel()
+    if n == 0:
         return memoryview(b"")
+    # contiguous, yet a size-1 dim may carry any stride (``randn(()).expand(1, 1)`` has strides
+    # (0, 0)), and ``reshape`` keeps it: name the n elements from the storage offset directly.
     # numpy has no bfloat16 and friends: view as bytes first (the array keeps ``t`` alive)
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    flat = t.as_strided((n,), (1,), t.storage_offset())
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
 def parse_descriptor(desc: object) -> tuple[torch.dtype, tuple[int, ...], int]:
