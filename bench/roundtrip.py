@@ -137,14 +137,21 @@ def trace_server() -> None:
 
 
 def serve_traced(out: str, argv: list[str]) -> None:
-    """``genie serve`` with the server hops traced; the log goes to ``out`` on SIGTERM."""
+    """``genie serve`` with the server hops traced. The traces are installed before the zygote forks,
+    so the tenant's worker (where the hops happen) has them; it writes its log to ``out`` when it
+    ends (the server was stopped: SIGTERM)."""
     trace_server()
+    from genie.server import _workers
 
-    def dump(*_: object) -> None:
-        Path(out).write_text(json.dumps(LOG))
-        os._exit(0)
+    run_worker = _workers.run_worker
 
-    signal.signal(signal.SIGTERM, dump)
+    def traced_worker(*args: object) -> None:
+        try:
+            run_worker(*args)
+        finally:
+            Path(out).write_text(json.dumps(LOG))
+
+    _workers.run_worker = traced_worker
     from genie.cli import main
     main(argv)
 
@@ -253,6 +260,10 @@ def main() -> None:
             genie_loop(min(args.n, 1000))
         finally:
             srv.stop()
+        for _ in range(100):  # the worker writes it as it ends, just after the server process
+            if os.path.exists(log):
+                break
+            time.sleep(0.1)
         server_log = [tuple(e) for e in json.loads(Path(log).read_text())]
     breakdown = hops(LOG, server_log)
     report("roundtrip", rows, {"genie/raw (medians)": gen_med / raw_med, "target": "genie/raw <= 3",
