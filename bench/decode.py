@@ -1,7 +1,14 @@
-"""Greedy decode with a static cache: local eager, device mode and ``genie.compile``, side by side.
+"""Greedy decode with a static cache: local eager, device mode and ``genie.compile``, side by side,
+against a server per compile tier (``genie serve --compile off|codegen|inductor``). Each remote row's
+"vs eager" divides by an eager decode run right before it.
 
     python bench/decode.py                # GPT-2-small (12 layers, d=768) and a small Llama, 8 steps
-    python bench/decode.py --steps 16
+    python bench/decode.py --steps 16 --tiers codegen,inductor
+
+Per tier, each model decodes to warm the server up (its programs tier up: the generated code at
+their second run, Inductor in the background after their third, one compile at a time) until no
+program is compiling or waiting to (the time to tier up), then decodes again, measured.
+``first token ms`` is the prefill call plus the first token's fetch in the measured decode.
 
 Random weights (no hub download); tokens must equal eager. Each step is one ``forward`` plus the
 token's fetch. Per step (medians) the client's own time (outside ``Backend.run``) and the time
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +36,9 @@ from _common import report  # noqa: E402
 
 import genie  # noqa: E402
 from genie.runtime import backend  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import _server_fixtures as fx  # noqa: E402  # a real `genie serve` child, as the tests start it
 
 DEV = "remote_accelerator:0"
 _INSIDE: list[float] = []  # seconds spent in Backend.run since the last reset
@@ -72,12 +83,19 @@ def decode(model, ids: torch.Tensor, steps: int, dev: str, resident_input: bool 
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 1)
+    t_first = time.perf_counter()
     out = model(ids.to(dev), past_key_values=cache, use_cache=True)
-    tokens, step_s, call_s, call_inside, fetch_s, sent, trips, call_cpu = [], [], [], [], [], [], [], []
+    int(out.logits[:, -1].argmax(-1).cpu())
+    first_ms = (time.perf_counter() - t_first) * 1e3
+    tokens, call_s, call_inside, fetch_s, sent, trips, call_cpu = [], [], [], [], [], [], []
     server: dict[str, list[float]] = {"compute_seconds": [], "read_seconds": [], "send_seconds": []}
     ask = getattr(backend(), "server_stats", None) if dev != "cpu" else None
+    WARM = 2  # steps 0 and 1 record (and step 0 uploads the weights): the steady state is after
+    ss0: dict | None = None
     for i in range(steps):
-        ss0 = ask() if ask is not None else None  # outside the timed step (it is a round trip)
+        if i == WARM:  # the steady state's wall time and server counters, asked once: a stats round
+            ss0 = ask() if ask is not None else None  # trip between steps would hide their waits
+            t_steady = time.perf_counter()
         s0 = genie.stats() if dev != "cpu" else None
         t0 = time.perf_counter()
         tok = out.logits[:, -1].argmax(-1)
@@ -93,53 +111,73 @@ def decode(model, ids: torch.Tensor, steps: int, dev: str, resident_input: bool 
         call_cpu.append(time.thread_time() - c0)
         t2 = time.perf_counter()
         call_inside.append(sum(_INSIDE))
-        step_s.append(t2 - t0)
         call_s.append(t2 - t1)
         fetch_s.append(t1 - t0)
         if s0 is not None:  # the first step also uploads the weights (the prefill's flush)
             s1 = genie.stats()
             sent.append(s1["bytes_sent"] - s0["bytes_sent"])
             trips.append(s1["round_trips"] - s0["round_trips"])
-        if ss0 is not None:
-            ss1 = ask()
-            for k, xs in server.items():
-                xs.append(ss1.get(k, 0.0) - ss0.get(k, 0.0))
-    # steps 0 and 1 record (and step 0 uploads the weights): medians of the steady state after
-    med = lambda xs: statistics.median(xs[2:] if len(xs) > 3 else xs) * 1e3  # noqa: E731
-    return {"tokens": tokens, "step_ms": med(step_s), "call_ms": med(call_s), "fetch_ms": med(fetch_s),
+    tokens.append(int(out.logits[:, -1].argmax(-1).cpu()))  # the last step's token: its wait counts
+    steady = max(1, steps - WARM)
+    step_ms = (time.perf_counter() - t_steady) * 1e3 / steady
+    if ss0 is not None:
+        ss1 = ask()
+        for k, xs in server.items():
+            xs.append((ss1.get(k, 0.0) - ss0.get(k, 0.0)) / steady)
+    # medians of the steady state (steps 0 and 1 record, and step 0 uploads the weights)
+    med = lambda xs: statistics.median(xs[WARM:] if len(xs) > WARM + 1 else xs) * 1e3  # noqa: E731
+    return {"tokens": tokens, "first_ms": first_ms, "step_ms": step_ms, "call_ms": med(call_s),
+            "fetch_ms": med(fetch_s),
             "call_client_ms": med([c - r for c, r in zip(call_s, call_inside, strict=True)]),
             "call_run_ms": med(call_inside), "call_cpu_ms": med(call_cpu),
-            **{f"server_{k.removesuffix('_seconds')}_ms": med(xs) if xs else 0.0 for k, xs in server.items()},
+            **{f"server_{k.removesuffix('_seconds')}_ms": xs[0] * 1e3 if xs else 0.0
+               for k, xs in server.items()},
             "sent_per_step": int(statistics.median(sent[2:])) if len(sent) > 2 else 0,
             "round_trips_per_step": statistics.median(trips[2:]) if len(trips) > 2 else 0}
 
 
-def one_model(name: str, make, steps: int) -> list[dict]:
+def _server_tiers() -> list[dict]:
+    return genie.stats(server=True).get("server.tiers", [])
+
+
+def one_model(name: str, make, steps: int, tier: str, eager: dict) -> list[dict]:
     torch.manual_seed(1)
     ids = torch.randint(3, 1000, (1, 8))
     rows = []
-    eager = decode(make(), ids, steps, "cpu")
-    for mode in ("eager", "device", "compile"):
-        if mode == "eager":
-            r = eager
-        else:
-            model = make().to(DEV)
-            if mode == "compile":
-                model.forward = genie.compile(model.forward)
-            r = decode(model, ids, steps, DEV)
-            if r["tokens"] != eager["tokens"]:
-                raise SystemExit(f"decode: {name} {mode} tokens differ from eager: {r['tokens']} vs "
-                                 f"{eager['tokens']}")
-        rows.append({
-            "model": name, "mode": mode, "tokens/s": 1e3 / r["step_ms"], "step ms": r["step_ms"],
-            "vs eager": r["step_ms"] / eager["step_ms"], "fwd ms": r["call_ms"],
-            "fwd client ms": r["call_client_ms"] if mode != "eager" else r["call_ms"],
-            "fwd in run ms": r.get("call_run_ms", 0.0) if mode != "eager" else 0.0,
-            "fwd cpu ms": r["call_cpu_ms"],
-            "fetch ms": r["fetch_ms"], "srv compute ms": r.get("server_compute_ms", 0.0),
-            "srv read ms": r.get("server_read_ms", 0.0), "srv send ms": r.get("server_send_ms", 0.0),
-            "sent B/step": r["sent_per_step"], "round trips/step": r["round_trips_per_step"]})
+    for mode in ("device", "compile"):
+        model = make().to(DEV)
+        if mode == "compile":
+            model.forward = genie.compile(model.forward)
+        t0 = time.perf_counter()
+        for _ in range(20):  # warm-up decodes until the server's programs have tiered up
+            decode(model, ids, steps, DEV)
+            while any(p["compiling"] for p in _server_tiers()):
+                time.sleep(0.5)
+            if not any(p["waiting"] for p in _server_tiers()):  # (a compile starts at a program's run)
+                break
+        tier_up_s = time.perf_counter() - t0
+        eager = decode(make(), ids, steps, "cpu")  # again, right beside it: the machine is shared
+        r = decode(model, ids, steps, DEV)
+        if r["tokens"] != eager["tokens"]:
+            raise SystemExit(f"decode: {name} {tier} {mode} tokens differ from eager: {r['tokens']} vs "
+                             f"{eager['tokens']}")
+        tiers = [p["tier"] for p in _server_tiers() if p["runs"] >= steps]
+        rows.append(_row(name, tier, mode, r, eager, tier_up_s, max(tiers, default=0)))
     return rows
+
+
+def _row(name: str, tier: str, mode: str, r: dict, eager: dict, tier_up_s: float = 0.0,
+         reached: int | str = "-") -> dict:
+    remote = mode != "eager"
+    return {
+        "model": name, "server": tier, "mode": mode, "tier reached": reached, "tokens/s": 1e3 / r["step_ms"],
+        "step ms": r["step_ms"], "vs eager": r["step_ms"] / eager["step_ms"], "first token ms": r["first_ms"],
+        "tier-up s": tier_up_s, "fwd ms": r["call_ms"],
+        "fwd client ms": r["call_client_ms"] if remote else r["call_ms"],
+        "fwd in run ms": r.get("call_run_ms", 0.0) if remote else 0.0, "fwd cpu ms": r["call_cpu_ms"],
+        "fetch ms": r["fetch_ms"], "srv compute ms": r.get("server_compute_ms", 0.0),
+        "srv read ms": r.get("server_read_ms", 0.0), "srv send ms": r.get("server_send_ms", 0.0),
+        "sent B/step": r["sent_per_step"], "round trips/step": r["round_trips_per_step"]}
 
 
 def compiled_client_ms(n_layer: int, steps: int) -> dict:
@@ -171,12 +209,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--round-trips", type=int, default=300)
+    parser.add_argument("--tiers", default="off,codegen,inductor",
+                        help="the servers' --compile modes, in order (default: all three)")
+    parser.add_argument("--models", default="gpt2-small,llama-small")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    _timed_backend()
-    rows = one_model("gpt2-small", gpt2_small, args.steps) + one_model("llama-small", llama_small, args.steps)
-    client = {f"{n} layers": compiled_client_ms(n, args.steps) for n in (2, 12)}
-    rt = round_trip(args.round_trips)
+    makers = {"gpt2-small": gpt2_small, "llama-small": llama_small}
+    models = [(n, makers[n]) for n in args.models.split(",")]
+    eager = {}
+    rows = []
+    for name, make in models:
+        torch.manual_seed(1)
+        ids = torch.randint(3, 1000, (1, 8))  # as one_model draws them
+        eager[name] = decode(make(), ids, args.steps, "cpu")
+        rows.append(_row(name, "-", "eager", eager[name], eager[name]))
+    client: dict = {}
+    rt: dict = {}
+    with tempfile.TemporaryDirectory() as cache:
+        for tier in args.tiers.split(","):
+            with fx.serving("--compile", tier, "--compile-cache", cache) as server:
+                genie.connect(server.address, token=server.token)
+                _timed_backend()
+                for name, make in models:
+                    rows += one_model(name, make, args.steps, tier, eager[name])
+                if tier == args.tiers.split(",")[-1]:  # the client's costs, at the best tier asked for
+                    client = {f"{n} layers": compiled_client_ms(n, args.steps) for n in (2, 12)}
+                    rt = round_trip(args.round_trips)
     report("decode", rows, {"compiled_call_client_ms": client, "round_trip": rt,
                             "steps": args.steps, "stats": genie.stats()})
     for what in ("wall_outside_run_ms", "thread_cpu_ms"):

@@ -16,6 +16,29 @@ def gpt2(n_layer: int = 2, attn: str = "sdpa") -> nn.Module:
     return GPT2LMHeadModel(cfg).eval()
 
 
+def decode_gpt2() -> nn.Module:
+    """GPT-2 for greedy-decode tests: weights drawn wide (``initializer_range``), so that greedy
+    tokens differ from step to step and a replay that read a stale cache entry would change them;
+    no eos, so ``generate`` runs its full length."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, initializer_range=0.3,
+                     bos_token_id=0, eos_token_id=None)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def decode_llama() -> nn.Module:
+    """Llama (grouped-query attention) for greedy-decode tests, as ``decode_gpt2``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      initializer_range=0.3, bos_token_id=1, eos_token_id=None)
+    return LlamaForCausalLM(cfg).eval()
+
+
 def bert() -> nn.Module:
     from transformers import BertConfig, BertModel
 

@@ -1,6 +1,9 @@
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# servers the tests start (fixtures, the embedded default) stop at generated code: an Inductor compile
+# burns a core for tens of seconds; the tier-2 tests ask for it (--compile inductor)
+os.environ.setdefault("GENIE_COMPILE", "codegen")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -21,7 +21,8 @@ def test_factories_are_lazy_and_carry_metadata():
     assert torch.arange(7, device=DEV).cpu().tolist() == list(range(7))
     assert torch.full((2,), 3.5, device=DEV).cpu().tolist() == [3.5, 3.5]
     assert torch.device("remote_accelerator:1").index == 1
-    assert torch.ones(2, device="remote_accelerator:1").device.index == 1
+    with pytest.raises(ValueError, match="invalid device index 1"):  # one server: one device
+        torch.ones(2, device="remote_accelerator:1")
 
 
 @pytest.mark.parametrize("fn", [
@@ -133,8 +134,6 @@ def test_mixing_cpu_and_remote_is_a_device_error():
     x = torch.randn(3, device=DEV)
     with pytest.raises(RuntimeError, match="same device.*remote_accelerator:0 and cpu"):
         x + torch.randn(3)
-    with pytest.raises(RuntimeError, match="same device"):
-        x + torch.randn(3, device="remote_accelerator:1")
     assert (x + torch.tensor(1.0)).shape == (3,)  # 0-dim CPU tensors are fine, as with CUDA
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import _server_fixtures as fx
 import pytest
 import torch
+from _models import decode_gpt2, decode_llama
 
 import genie
 
@@ -17,26 +18,7 @@ server, remote = fx.server, fx.remote  # fixtures, by name
 DEV = "remote_accelerator:0"
 
 
-def gpt2() -> torch.nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, initializer_range=0.3,
-                     bos_token_id=0, eos_token_id=None)
-    return GPT2LMHeadModel(cfg).eval()
-
-
-def llama() -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      initializer_range=0.3, bos_token_id=1, eos_token_id=None)
-    return LlamaForCausalLM(cfg).eval()
-
-
-MODELS = {"gpt2": gpt2, "llama": llama}
+MODELS = {"gpt2": decode_gpt2, "llama": decode_llama}
 
 
 def _loop(model, ids: torch.Tensor, static: bool, steps: int = 8,

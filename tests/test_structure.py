@@ -20,6 +20,7 @@ ALLOWED = {
     "runtime": {"graph", "semantic", "transport"},
     "lazy": {"graph", "runtime"},
     "server": {"graph", "transport", "kernels"},
+    "ray": {"transport"},  # the pool runs `genie serve` processes; it picks their ports by transport's helper
 }
 SHARED = {"_errors", "_dtypes", "_profile"}
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one-command GPU suite (`make gpu-check`): kernel tests on CUDA (bf16 included), the kernel
-# benchmarks against SDPA and cuDNN, GPT-2 small decode through `genie serve --device cuda:0`, and
-# the overlap bench. Every figure lands under bench/results/gpu/ as JSON. Budget: under 8 minutes.
+# benchmarks against SDPA and cuDNN, GPT-2 small decode through `genie serve --device cuda:0` (and per
+# compile tier: generated code, Inductor), and the overlap bench. Every figure lands under
+# bench/results/gpu/ as JSON. Budget: under 13 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -27,6 +28,8 @@ PYEOF
 step attention 90 "$PY" bench/attention.py --quick --out "$OUT/attention.json"
 step conv 90 "$PY" bench/conv.py --quick --out "$OUT/conv.json"
 step decode_gpt2 60 "$PY" bench/gpu/decode_gpt2.py --out "$OUT/decode_gpt2.json"
+step decode_tiers 300 "$PY" bench/decode.py --models gpt2-small --tiers codegen,inductor --steps 16 --round-trips 50
+cp -f bench/results/decode.json "$OUT/decode_tiers.json" 2>/dev/null || true
 step overlap 30 "$PY" bench/overlap.py
 cp -f bench/results/overlap.json "$OUT/overlap.json" 2>/dev/null || true
 cat "$OUT"/step_*.json

@@ -6,7 +6,15 @@ from __future__ import annotations
 import torch
 
 from genie.lazy import SHAPES, install_module_hooks, register
-from genie.runtime import Backend, Executor, LocalBackend, backend, set_backend_factory, set_executor_factory
+from genie.runtime import (
+    Backend,
+    Executor,
+    LocalBackend,
+    backend,
+    flush_stats,
+    set_backend_factory,
+    set_executor_factory,
+)
 
 
 def _default_backend() -> Backend:
@@ -40,6 +48,7 @@ def stats(*, server: bool = False) -> dict:
     d = b.stats.as_dict()
     d["shape_cache_hits"] = SHAPES.hits
     d["shape_cache_misses"] = SHAPES.misses
+    d.update(flush_stats())  # device-mode flushes sent as replays of a remembered plan
     if server:
         ask = getattr(b, "server_stats", None)
         if ask is None:

@@ -46,6 +46,9 @@ _LIMIT_TYPES: dict[str, Callable[[str], int | float]] = {"bytes": parse_size, "c
                                                          "seconds": parse_seconds}
 
 
+COMPILE_MODES = ("off", "codegen", "inductor")  # genie.server.MODES, without importing the server here
+
+
 # -- serve ----------------------------------------------------------------------------------------
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -73,16 +76,30 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, metavar="DIR",
                    help="a read-only store of .safetensors files that clients bind by name "
                         "(genie.remote_state_dict) and that answers their uploads by digest")
+    p.add_argument("--peers", default="", metavar="H:P,H:P",
+                   help="the genie servers this one may pull values from (x.to('remote_accelerator:j')); "
+                        "a client can never make it connect anywhere else (default: none)")
+    p.add_argument("--compile", choices=COMPILE_MODES, default=os.environ.get("GENIE_COMPILE"),
+                   help="the highest tier a replayed program runs at: the interpreter only, generated code, "
+                   "or Inductor (default: $GENIE_COMPILE, else inductor where a C++ compiler or a GPU is "
+                   "here, else codegen)")
+    p.add_argument("--compile-cache", default=os.environ.get("GENIE_COMPILE_CACHE"), metavar="DIR",
+                   help="where compiled programs persist, so a restarted server tiers up at once "
+                   "(default: $GENIE_COMPILE_CACHE, else $XDG_CACHE_HOME/genie/compile)")
     p.add_argument("--verbose", action="store_true", help="log connections and protocol errors")
     p.add_argument("--exit-on-stdin-eof", action="store_true", help=argparse.SUPPRESS)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from genie.server import Config, ConfigError, run_server
+    from genie.server import Config, ConfigError, parse_peers, run_server
     from genie.transport import Limits
 
     if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         print(f"genie serve: --device must be cpu or cuda:N, not {args.device!r}", file=sys.stderr)
+        return 2
+    if args.compile is not None and args.compile not in COMPILE_MODES:  # from $GENIE_COMPILE
+        print(f"genie serve: GENIE_COMPILE must be one of {', '.join(COMPILE_MODES)}, not {args.compile!r}",
+              file=sys.stderr)
         return 2
     limits = Limits().replace(**{k: getattr(args, k) for k in LIMITS if hasattr(args, k)})
     if args.ops == "all":
@@ -90,14 +107,47 @@ def _serve(args: argparse.Namespace) -> int:
               "server or read other clients' memory with one. Serve trusted clients only", file=sys.stderr,
               flush=True)
     try:
+        peers = parse_peers(args.peers)
+    except ValueError as e:
+        print(f"genie serve: {e}", file=sys.stderr)
+        return 2
+    try:
         token = args.token if args.token is not None or args.tokens else os.environ.get("GENIE_TOKEN")
         run_server(Config(host=args.host, port=args.port, device=args.device, token=token, limits=limits,
                           exit_on_stdin_eof=args.exit_on_stdin_eof, verbose=args.verbose,
                           tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure,
-                          tokens_file=args.tokens, ops=args.ops, weights=args.weights))
+                          tokens_file=args.tokens, ops=args.ops, weights=args.weights, peers=peers,
+                          compile=args.compile, compile_cache=args.compile_cache))
     except ConfigError as e:
         print(f"genie serve: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+# -- pool -----------------------------------------------------------------------------------------------
+def _pool_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--servers", type=parse_count, required=True, help="how many genie servers (devices)")
+    p.add_argument("--gpus-per-server", type=float, default=None,
+                   help="GPUs each server reserves (default: 1 if the Ray cluster has GPUs, else 0)")
+    p.add_argument("--device", default=None, help="each server's --device (default: its GPU, else the CPU)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray started for the pool")
+
+
+def _pool(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from genie.ray import ServerPool
+
+    stop = threading.Event()
+    with ServerPool(args.servers, num_gpus_per_server=args.gpus_per_server, device=args.device,
+                    num_cpus=args.num_cpus) as pool:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which sets its own
+            signal.signal(sig, lambda *_: stop.set())
+        print(f"genie pool: {args.servers} servers ready", flush=True)
+        print(f"GENIE_SERVER={','.join(pool.addresses)}", flush=True)
+        print(f"GENIE_TOKEN={pool.token}", flush=True)
+        stop.wait()
     return 0
 
 
@@ -143,6 +193,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
     "weights": ("index a weights store offline (genie weights index DIR)", _weights_args, _weights,
                 lambda: True),
     "demo": ("run a small GPT-2 through Genie and print a report", _demo_args, _demo, _has_demo),
+    "pool": ("start N genie servers as Ray actors and print how to connect (genie[ray])", _pool_args, _pool,
+             lambda: importlib.util.find_spec("ray") is not None),
 }
 
 

@@ -34,13 +34,21 @@ from genie.graph._template import (
     with_split,
 )
 from genie.graph._vetted import VETTED
-from genie.graph._wire import NodeWriter, decode_meta, encode_meta, graph_from_bytes, outputs_tail
+from genie.graph._wire import (
+    NodeWriter,
+    decode_meta,
+    encode_meta,
+    graph_from_bytes,
+    graph_to_bytes,
+    outputs_tail,
+)
 
 __all__ = [
     "CONST", "INPUT", "RESIDENT", "SMALL_FIX", "SOURCE_OPS", "UNDECLARED_ALIASES", "UNDECLARED_WRITES",
     "VETTED", "Graph", "Node", "NodeWriter", "Ref", "Split", "StageSchedule", "Template", "TensorMeta",
     "apply", "check_enum_args", "check_vetted", "content_digest", "corrections", "decode_meta",
-    "encode_meta", "enum_args", "fix_lists", "graph_from_bytes", "map_refs", "op_name", "outputs_tail",
+    "encode_meta", "enum_args", "fix_lists", "graph_from_bytes", "graph_to_bytes", "map_refs", "op_name",
+    "outputs_tail",
     "overload", "predict", "registry", "resolve_op", "small_corrections", "split", "undeclared_writes",
     "vetted_reason", "vetted_refusal", "with_split", "written_source_nodes", "written_sources",
 ]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from genie._errors import ProtocolError
-from genie.graph._ir import Graph, Node, Ref
+from genie.graph._ir import RESIDENT, Graph, Node, Ref
 from genie.graph._wire import NodeWriter, frame_header, node_from_record
 
 _HOLE = re.compile(r'"\\u0000genie:(int|str)\\u0000"')
@@ -126,6 +126,20 @@ class Template:
         graph.shared = self.shared  # the skeleton (ops, refs) is this template's: so is the structure
         self._last = (ints.copy(), list(strs), graph)
         return graph
+
+    def program_ints(self, ints: np.ndarray, graph: Graph) -> bytes:
+        """``ints`` (a fill of this template, ``graph``) without the handles of the resident values it
+        reads: two fills that differ only there are one program on other values."""
+        holes = self.shared.get("resident holes")
+        if holes is None:
+            holes = self.shared["resident holes"] = np.array(
+                [self._first[n.id][0] for n in graph.nodes if n.op == RESIDENT and self._records[n.id][1]
+                 and self._records[n.id][1][0] == "int"], dtype=np.int64)
+        if not len(holes):
+            return ints.tobytes()
+        masked = ints.copy()
+        masked[holes] = 0
+        return masked.tobytes()
 
     def _parse(self, ints: np.ndarray, strs: list[str]) -> Graph:
         values = iter(ints.tolist())

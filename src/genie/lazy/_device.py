@@ -13,6 +13,7 @@ import dataclasses
 import types
 import warnings
 import weakref
+from collections.abc import Callable
 
 import torch
 
@@ -25,18 +26,17 @@ from genie.lazy._rng import RNG
 from genie.runtime import backend
 
 DEVICE_TYPE = "remote_accelerator"
-DEVICE_COUNT = 8  # logical devices; each is an index the server maps to its own device
 _registered = False
 _lib: torch.library.Library | None = None
 
 
 def _device_module() -> types.ModuleType:
-    """``torch.remote_accelerator``: what a CUDA user reaches for in ``torch.cuda``. Device indices
-    are logical (``DEVICE_COUNT``): every one is the connected server's device, so the functions
-    that take one check it and answer for that device."""
+    """``torch.remote_accelerator``: what a CUDA user reaches for in ``torch.cuda``. Device ``i`` is
+    the i-th connected server (``genie.connect([...])``; one, the embedded default, else), so the
+    functions that take an index check it and ask that server."""
     mod = types.ModuleType(DEVICE_TYPE)
     mod.is_available = is_available
-    mod.device_count = lambda: DEVICE_COUNT
+    mod.device_count = device_count
     mod.current_device = lambda: 0
     mod.set_device = lambda d: None
     mod._is_in_bad_fork = lambda: False
@@ -62,6 +62,27 @@ class DeviceProperties:
     name: str
     type: str  # the server's torch device type: "cuda" or "cpu"
     total_memory: int  # bytes: the GPU's memory; on a CPU server its --memory-limit, else its RAM
+
+
+def device_count() -> int:
+    """The number of connected servers: each is one device."""
+    count = getattr(backend(), "device_count", None)
+    return count() if count is not None else 1
+
+
+def _servers() -> str:
+    b = backend()
+    addresses = getattr(b, "addresses", None)
+    if addresses is not None:
+        return ", ".join(f"{i}: {a}" for i, a in enumerate(addresses))
+    address = getattr(b, "address", "in process")
+    return f"0: {address or 'the embedded server'}"
+
+
+def check_device(device: torch.device) -> None:
+    """A factory's device past the connected servers raises here, where it is named."""
+    if device.index:
+        _index(device)
 
 
 def synchronize(device: torch.device | str | int | None = None) -> None:
@@ -115,20 +136,22 @@ def _index(device: torch.device | str | int | None) -> int:
     if d.type != DEVICE_TYPE:
         raise ValueError(f"expected a {DEVICE_TYPE} device, got {d}")
     index = d.index or 0
-    if not 0 <= index < DEVICE_COUNT:
-        raise ValueError(f"invalid device index {index}: {DEVICE_TYPE} has {DEVICE_COUNT} (0 to "
-                         f"{DEVICE_COUNT - 1}), all of them the connected server's device")
+    count = device_count()
+    if not 0 <= index < count:
+        raise ValueError(f"invalid device index {index}: {DEVICE_TYPE} has {count} device(s), one per "
+                         f"connected genie server ({_servers()}); genie.connect([...]) adds more")
     return index
 
 
 def _report(device: torch.device | str | int | None) -> dict:
     """The server's own report (its ``stats`` message): device, name and memory figures."""
-    _index(device)
-    ask = getattr(backend(), "server_stats", None)
+    index = _index(device)
+    b = backend()
+    ask = getattr(b, "server_stats", None)
     if ask is None:
         raise NotImplementedError(f"torch.{DEVICE_TYPE}'s memory and device queries ask the genie server, "
                                   "and in process (GENIE_SERVER=inprocess) there is none")
-    return ask()
+    return ask(index) if index else ask()
 
 
 def _empty(size, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
@@ -148,6 +171,7 @@ def _factory(op: str, args: tuple, kwargs: dict, meta_t: torch.Tensor, device) -
     rec = current_recorder()
     meta = TensorMeta.of(meta_t)
     device = torch.device(device)
+    check_device(device)
     with rec.lock:
         nid = rec.new_id()
         node = rec.add(Node(nid, op, args, kwargs, (meta,), storages=(nid,), module=module_path()))
@@ -211,11 +235,13 @@ def _factory_kernel(func: torch._ops.OpOverload):
         if seeded:  # a generator object cannot travel: draw the remote seed from it instead
             seed = RNG.next_seed() if gen is None else int(torch.randint(1 << 62, (1,), generator=gen))
         rec = current_recorder()
+        device = torch.device(kwargs["device"])
+        check_device(device)
         with rec.lock:
             nid = rec.new_id()
             node = rec.add(Node(nid, name, tuple(args), dict(kwargs), (m,), storages=(nid,),
                                 module=module_path(), seed=seed))
-            return wrap(rec, node, 0, m, torch.device(kwargs["device"]))
+            return wrap(rec, node, 0, m, device)
 
     return kernel
 
@@ -286,6 +312,33 @@ def _is_pinned(self: torch.Tensor, device: torch.device | str | None = None) -> 
     return _host_is_pinned(self) if device is None else _host_is_pinned(self, device)
 
 
+_host_empty_cache = getattr(torch.accelerator, "empty_cache", None)
+
+
+def _empty_cache() -> None:
+    """``torch.accelerator.empty_cache()`` (accelerate calls it as it places each module): the
+    caching allocator it asks for is the server's, which frees by itself; nothing is cached here."""
+    current = torch.accelerator.current_accelerator()
+    if (current is None or current.type != DEVICE_TYPE) and _host_empty_cache is not None:
+        _host_empty_cache()
+
+
+def _to_copy_across(inner: Callable) -> Callable:
+    """``x.to("remote_accelerator:j")`` of a value on device i != j is recorded as any copy (the
+    runtime moves it server to server when it runs); its result is on device j: ``.device`` is
+    the truth."""
+    def to_copy(func, args, kwargs):
+        out = inner(func, args, kwargs)
+        device = kwargs.get("device")
+        if device is not None and isinstance(out, LazyTensor) and isinstance(args[0], LazyTensor):
+            d = torch.device(device)
+            if d.type == DEVICE_TYPE and (d.index or 0) != (out.device.index or 0):
+                return wrap(out._rec, out._node, out._index, out._meta, d)
+        return out
+
+    return to_copy
+
+
 def register() -> None:
     """Idempotent: make ``remote_accelerator`` a torch device backed by LazyTensors."""
     global _registered, _lib
@@ -304,6 +357,10 @@ def register() -> None:
     _lazy._DEFAULT_DEVICE = torch.device(f"{DEVICE_TYPE}:0")
     torch.Tensor.pin_memory = _pin_memory  # DataLoader(pin_memory=True) pins through it too
     torch.Tensor.is_pinned = _is_pinned
+    if _host_empty_cache is not None:  # torch >= 2.8
+        torch.accelerator.empty_cache = _empty_cache
+    to_copy = torch.ops.aten._to_copy.default
+    _lazy.SPECIAL[to_copy] = _to_copy_across(_lazy.SPECIAL[to_copy])
     _lib = torch.library.Library("aten", "IMPL")
     _lib.impl("empty.memory_format", _empty, "PrivateUse1")
     _lib.impl("empty_strided", _empty_strided, "PrivateUse1")

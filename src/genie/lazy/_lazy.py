@@ -555,7 +555,8 @@ def _is_fresh_empty(dst: LazyTensor, src: torch.Tensor) -> bool:
     return (n.op in ("aten.empty.memory_format", "aten.empty_strided.default")
             and bool(dst._rec.pending) and dst._rec.pending[-1] is n
             and src.dtype == dst.dtype and tuple(src.shape) == tuple(dst.shape)
-            and src.is_contiguous() and dst.is_contiguous() and src.device.type == "cpu")
+            and src.is_contiguous() and dst.is_contiguous() and src.device.type == "cpu"
+            and not dst.device.index)  # a constant names no device: another server's stays a copy
 
 
 def _alias(func, args, kwargs):

@@ -37,7 +37,7 @@ from genie.graph import (
     map_refs,
     undeclared_writes,
 )
-from genie.runtime import RunResult, backend, planned_for_flush
+from genie.runtime import FLUSHES, RunResult, backend
 
 FAILED = "genie.failed"  # a value lost with a run that failed; never sent
 _UNSAID = frozenset(UNDECLARED_ALIASES) | frozenset(UNDECLARED_WRITES)
@@ -184,9 +184,11 @@ class Recorder:
                     raise GenieError(t._node.args[0])
             graph, inputs = build_graph(self.pending, nodes, roots, self.input_tensors, held=held)
             pos = {r: i for i, r in enumerate(roots)}
-            graph, run = planned_for_flush(graph)  # the plan's graph keeps the outputs: fetch/keep hold
-            run.update(fetch=[pos[r] for r in fetch_refs], keep=[pos[r] for r in keep_refs],
-                       constants=self._constants_of(graph))
+            fetch, keep = [pos[r] for r in fetch_refs], [pos[r] for r in keep_refs]
+            # the plan's graph keeps the outputs: fetch/keep hold; a program flushed before reuses
+            # its plan and template split (runtime's FLUSHES)
+            graph, run = FLUSHES.planned(graph, fetch, keep, self._constants_of)
+            run.update(fetch=fetch, keep=keep, constants=self._constants_of(graph))
             try:
                 if wait or fetch_refs or not all(graph.nodes[r.node].outputs for r in graph.outputs):
                     result = backend().run(graph, inputs, **run)

@@ -9,6 +9,9 @@ waiting (frees from finalizers).
 ``call_back`` is ``call``'s fast path for work that can start without awaiting: a plain function
 runs in the loop and hands its outcome to a callback later (from a connection's reader, say), which
 wakes the blocked thread directly: one hop in, one out, no task of the loop in between.
+``paused`` lets a blocked caller borrow what the loop owns (a connection's socket, its session) while
+the loop sleeps in its I/O wait: the loop does not run a task or a callback until the caller is done
+(a blocking call then writes its frame and reads its reply itself, with no hop; ``runtime._direct``).
 ``in_thread`` is the other direction: blocking work (recording a step, waiting for a flush) on a
 worker thread while the caller's own loop, trio's or asyncio's, awaits it and serves other tasks.
 """
@@ -20,7 +23,7 @@ import concurrent.futures
 import contextlib
 import functools
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import outcome
@@ -32,8 +35,27 @@ from genie._errors import ConnectionLostError
 T = TypeVar("T")
 
 
+class _Gate(trio.abc.Instrument):
+    """Marks the loop idle as it goes into its I/O wait; coming out, it waits for a caller that
+    borrowed its state meanwhile (``Bridge.paused``) before it runs anything."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.bridge._idle = True
+
+    def after_io_wait(self, timeout: float) -> None:
+        with self.bridge._gate:  # a caller in ``paused`` holds it: wait for it
+            self.bridge._idle = False
+
+
 class Bridge:
     def __init__(self, name: str = "genie-bridge") -> None:
+        self._gate = threading.Lock()
+        self._idle = False  # between the loop's I/O wait and its check of the gate: nothing runs
+        self._counting = threading.Lock()
+        self._handed_in = 0  # ``soon`` calls not run yet
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
         self._stop: trio.Event | None = None
@@ -51,6 +73,7 @@ class Bridge:
             self._ready.set()
 
     async def _amain(self) -> None:
+        trio.lowlevel.add_instrument(_Gate(self))
         self._stop = trio.Event()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -67,7 +90,23 @@ class Bridge:
         return threading.current_thread() is self._thread
 
     def soon(self, fn: Callable[..., Any], *args: Any) -> bool:
-        """Run ``fn(*args)`` in the bridge loop, later; False if the bridge is gone."""
+        """Run ``fn(*args)`` in the bridge loop, later; False if the bridge is gone. Until it has
+        run, ``paused`` says no: work handed in earlier goes first."""
+        token = self._token
+        if token is None:
+            return False
+        with self._counting:
+            self._handed_in += 1
+        try:
+            token.run_sync_soon(self._run_handed_in, fn, args)
+        except trio.RunFinishedError:
+            self._ran_handed_in()
+            return False
+        return True
+
+    def later(self, fn: Callable[..., Any], *args: Any) -> bool:
+        """``soon``, for work that needs no place in line (a blocking call may go direct before it
+        runs: ``paused`` does not wait for it)."""
         token = self._token
         if token is None:
             return False
@@ -76,6 +115,16 @@ class Bridge:
         except trio.RunFinishedError:
             return False
         return True
+
+    def _run_handed_in(self, fn: Callable[..., Any], args: tuple) -> None:
+        try:
+            fn(*args)
+        finally:
+            self._ran_handed_in()
+
+    def _ran_handed_in(self) -> None:
+        with self._counting:
+            self._handed_in -= 1
 
     def start_soon(self, afn: Callable[..., Awaitable[Any]], *args: Any) -> bool:
         """Start ``afn(*args)`` as a task of the bridge (from any thread)."""
@@ -86,6 +135,22 @@ class Bridge:
             self.soon(self._stop.set)
         if not self.in_bridge():
             self._thread.join(timeout)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[bool]:
+        """Yields True when the loop sleeps in its I/O wait and stays there (running no task and no
+        callback) until this block ends: what the loop owns may be used from this thread
+        meanwhile, as long as nothing here calls into trio. Yields False when it is busy (or
+        another thread has it paused, or work handed in with ``soon`` has not run yet: it goes
+        first, so calls reach the loop in the order they were made): use the loop as usual. Keep
+        the block short: the loop's other work waits for it."""
+        if self.in_bridge() or not self._gate.acquire(blocking=False):
+            yield False
+            return
+        try:
+            yield self._idle and not self._handed_in and self.alive
+        finally:
+            self._gate.release()
 
     # -- calling in -----------------------------------------------------------------------------
     def call(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:

@@ -19,6 +19,9 @@ The only place on the client that sees a socket. Call tree::
                                   a caller cancelled while waiting for a run posts ``cancel``
     waiter.notify / conn.outcome / conn.abandon   the same without a task: the reader calls notify as
                                   the reply lands (the sync bridge wakes a blocked thread from it)
+    direct_ready / hand_over      a blocked caller's own thread may write a run and read its reply
+                                  while the owner's loop is paused (``Bridge.paused``, with
+                                  ``runtime._direct``): no hop through the loop
 
 When the link breaks, every waiter gets ConnectionLostError at once and the connection is closed for
 good; the owner opens a new one. A request whose caller was cancelled still gets its reply (a run:
@@ -31,6 +34,7 @@ Bytes move through ``genie.transport``'s I/O helper, over a plain socket (payloa
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import itertools
 import math
@@ -183,6 +187,12 @@ class Connection:
         self._nursery: trio.Nursery | None = None
         self._last_io = trio.current_time()
         self.holds_values: Callable[[], bool] = lambda: False  # set by the owner
+        # the direct path (a caller's own thread, the loop paused): the loop's clock, to keep
+        # ``_last_io`` on it, and its token, to hand a loss over
+        self._clock = trio.current_time() - time.perf_counter()
+        self._token = trio.lowlevel.current_trio_token()
+        self.poll: object | None = None  # the direct path's select.poll of the socket
+        self._gone = False  # the direct path found the link broken; the loop closes it as it runs
 
     # -- opening --------------------------------------------------------------------------------
     @classmethod
@@ -376,6 +386,27 @@ class Connection:
             return
         self._frees.extend(handles)
         self._frees_posted.set()
+
+    # -- the direct path: a blocked caller's own thread, while the owner's loop is paused ---------
+    def direct_ready(self) -> bool:
+        """Whether a caller may write a request and read its reply itself now (the loop paused:
+        ``Bridge.paused``): a plain socket, nothing in flight or queued, no frame half read."""
+        return (self._raw is not None and not self.closed and not self._gone and not self._waiters
+                and not self._queued and self.proto.between_frames)
+
+    def hand_over(self, waiter: Waiter) -> None:
+        """The loop's reader takes ``waiter``'s reply from here (it calls ``waiter.notify``); from
+        a caller's thread while the loop is paused (``runtime._direct``)."""
+        self._waiters[waiter.cancel_id] = waiter
+
+    def broken(self, exc: BaseException) -> None:
+        """The link broke under the direct path: closed for good (the loop fails what it has in
+        flight as it runs again), and ``exc`` raised here."""
+        if not self._gone:
+            self._gone = True
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(self._lose, exc)
+        raise exc
 
     # -- tasks ----------------------------------------------------------------------------------
     async def read_loop(self) -> None:

@@ -67,16 +67,17 @@ from genie.graph import (
     Graph,
     StageSchedule,
 )
-from genie.runtime import _backend
 from genie.runtime._backend import RunResult, Stats
 from genie.runtime._bridge import Bridge
-from genie.runtime._connection import TLS, Connection, insecure_from_env, tls_context, tls_from_env
+from genie.runtime._connection import TLS, Connection, insecure_from_env, tls_context
+from genie.runtime._direct import run_direct
 from genie.runtime._embedded import EmbeddedServer
 from genie.runtime._session import Session, constant_data, parse_weights_index, reads_of
 from genie.transport import Message, MissingOnServerError
 
 CONNECT_TIMEOUT = 30.0
 RETRIES = 3
+HANDLE_SHIFT = 44  # handle >> HANDLE_SHIFT: the server of a ServerSet that holds it (names < 2**53)
 _OPEN: weakref.WeakSet[RemoteBackend] = weakref.WeakSet()
 
 
@@ -97,7 +98,8 @@ class RemoteBackend:
     """Runs graphs on a ``genie serve`` at ``address`` ("host:port"), or on an embedded one (None)."""
 
     def __init__(self, address: str | None = None, token: str | None = None, *,
-                 residency: bool | None = None, tls: TLS = None, insecure: bool | None = None) -> None:
+                 residency: bool | None = None, tls: TLS = None, insecure: bool | None = None,
+                 index: int = 0, embedded: EmbeddedServer | None = None) -> None:
         self.address = address
         self._host_port = parse_address(address) if address is not None else None
         self.token = token or ""
@@ -109,7 +111,9 @@ class RemoteBackend:
         self.residency = residency
         self.stats = Stats()
         self.stats.extra.update(upload_bytes=0, connections=0, streamed_inputs=0, early_outputs=0)
-        self._embedded = EmbeddedServer() if address is None else None
+        # ``index``: this server's place in a ServerSet (remote_accelerator:index); its handles carry it
+        self.index = index
+        self._embedded = (embedded or EmbeddedServer()) if address is None else None
         self._bridge: Bridge | None = None
         self._pid = os.getpid()
         self._session: Session | None = None
@@ -119,7 +123,8 @@ class RemoteBackend:
         self._frees: list[int] = []  # freed by finalizers, not yet handed to the connection
         self._pins: dict[int, int] = {}  # handle -> submitted runs reading it, not yet posted
         self._frees_lock = threading.Lock()
-        self._names = itertools.count(random.randrange(1, 1 << 48))  # handles: ours to name
+        # handles: ours to name; the bits from HANDLE_SHIFT up say which server of a set holds one
+        self._names = itertools.count((index << HANDLE_SHIFT) + random.randrange(1, 1 << (HANDLE_SHIFT - 4)))
         # runs reach the server in the order they were made (one may read the handles an earlier
         # one names): a run that must await something first (a connection, an upload) takes a
         # ticket, and every later run posts after it
@@ -132,8 +137,11 @@ class RemoteBackend:
     def run(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int],
             keep: Sequence[int], constants: dict[str, torch.Tensor], stages: StageSchedule | None = None,
             stream: Sequence[int] = (), trace: bool = False) -> RunResult:
-        return self.bridge().call_back(self._start_run, graph, list(inputs), list(fetch), list(keep),
-                                       constants, stages, list(stream), trace, self._new_names(len(keep)))
+        names = self._new_names(len(keep))
+        args = (graph, list(inputs), list(fetch), list(keep), constants, stages, list(stream), trace, names)
+        # the caller's thread writes the run and reads its reply itself when the loop is idle
+        done = run_direct(self, *args)
+        return done if done is not None else self.bridge().call_back(self._start_run, *args)
 
     async def run_async(self, graph: Graph, inputs: Sequence[torch.Tensor], *, fetch: Sequence[int],
                         keep: Sequence[int], constants: dict[str, torch.Tensor],
@@ -172,7 +180,7 @@ class RemoteBackend:
             first = not self._frees
             self._frees.append(handle)
         if first:
-            bridge.soon(self._drain_frees)
+            bridge.later(self._drain_frees)  # frees of dropped values need no place in line
 
     # -- more -----------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -201,6 +209,56 @@ class RemoteBackend:
             return index
 
         return self.bridge().call(ask)
+
+    def lend(self, handles: list[int]) -> tuple[str, int]:
+        """Ask the server to lend kept values to a peer server: (a one-shot transfer token, their
+        bytes), once the runs that keep or write them have run."""
+        async def ask() -> tuple[str, int]:
+            sess, (waiter,) = await self._post_after(handles, [Message("lend", {"handles": handles})])
+            reply = await sess.conn.wait(waiter)  # type: ignore[arg-type]
+            return reply["token"], reply["nbytes"]
+
+        return self.bridge().call(ask)
+
+    def pull(self, peer: str, token: str, metas: list[tuple[str, list[int]]]) -> list[int]:
+        """Have the server pull values a peer lent (``lend``: their dtype names and shapes) straight
+        from that peer. Returns at once with the handles it will keep them under: the server runs
+        later requests reading them after the pull; if it fails, reading one raises why."""
+        names = self._new_names(len(metas))
+
+        async def post() -> None:
+            prev, mine = self._ticket()
+            try:
+                if prev is not None:
+                    await prev.wait()
+                sess = await self._connect()
+                waiter = sess.conn.post(Message("pull", {"peer": peer, "token": token, "names": names,
+                                                         "dtypes": [d for d, _ in metas],
+                                                         "shapes": [list(s) for _, s in metas]}))
+            finally:
+                self._posted(mine)
+            sess.handles.update(names)
+            done = trio.Event()
+            self._in_flight[id(done)] = done
+
+            def landed() -> None:  # in the reader, as the reply lands: before any later reply
+                try:
+                    sess.conn.outcome(waiter)  # type: ignore[arg-type]
+                except GenieError as e:
+                    sess.handles.difference_update(names)
+                    for h in names:
+                        sess.failed[h] = e
+                finally:
+                    self._in_flight.pop(id(done), None)
+                    done.set()
+
+            if waiter.event.is_set():  # type: ignore[union-attr]
+                landed()
+            else:
+                waiter.notify = landed  # type: ignore[union-attr]
+
+        self.bridge().call(post)
+        return names
 
     def server_stats(self) -> dict:
         """The server's own counters (constants held, evictions, template hits, ...)."""
@@ -370,17 +428,22 @@ class RemoteBackend:
             for h in names:
                 sess.failed[h] = result.error
 
-    async def _fetch(self, handles: list[int]) -> list[torch.Tensor]:
-        prev, mine = self._ticket()  # after the runs that make them
+    async def _post_after(self, handles: list[int], messages: list[Message]) -> tuple[Session, list]:
+        """Post ``messages`` (about kept values ``handles``) in this backend's order: after the runs
+        that make those values, once each is known to be still held. (The session, the waiters.)"""
+        prev, mine = self._ticket()
         try:
             if prev is not None:
                 await prev.wait()
             sess = await self._connect()
             for h in handles:
                 sess.check_handle(h)
-            waiters = [sess.conn.post(Message("fetch", {"handle": h})) for h in handles]
+            return sess, [sess.conn.post(m) for m in messages]
         finally:
             self._posted(mine)
+
+    async def _fetch(self, handles: list[int]) -> list[torch.Tensor]:
+        sess, waiters = await self._post_after(handles, [Message("fetch", {"handle": h}) for h in handles])
         out = []
         try:
             for h, w in zip(handles, waiters, strict=True):
@@ -488,43 +551,8 @@ class RemoteBackend:
         return sess.result(graph, waiter, len(fetch), names, reply)
 
 
-# -- choosing the backend -----------------------------------------------------------------------
 def backend_from_env() -> RemoteBackend:
-    """``GENIE_SERVER=host:port`` (+ ``GENIE_TOKEN``, ``GENIE_TLS``): that server; unset: an embedded
-    one."""
-    address = os.environ.get("GENIE_SERVER", "").strip() or None
-    tls = tls_from_env(os.environ.get("GENIE_TLS")) if address is not None else None
-    return RemoteBackend(address, os.environ.get("GENIE_TOKEN"), tls=tls)
+    """``GENIE_SERVER``'s backend: one server, or a ServerSet (``genie.runtime._servers``)."""
+    from genie.runtime._servers import backend_from_env as from_env
 
-
-def connect(address: str | None = None, token: str | None = None, *,
-            residency: bool | None = None, tls: TLS = None, insecure: bool | None = None) -> RemoteBackend:
-    """Point this process at the genie server at ``address`` ("host:port"; None: an embedded one).
-
-    Connects at once, so a wrong address, token or certificate raises here. Tensors kept on the
-    previous server are lost. ``token`` defaults to ``$GENIE_TOKEN``; ``residency=False`` is the
-    naive mode.
-
-    ``tls`` (default ``$GENIE_TLS``) encrypts the connection, for a server started with
-    ``--tls-cert``/``--tls-key``: True verifies its certificate against the system's CAs, a path
-    against that CA bundle (PEM), and an ``ssl.SSLContext`` is used as it is. The certificate must
-    name the host in ``address``. The embedded server (``address`` None) is plain loopback.
-
-    A token never goes in cleartext to another machine: with a token, no ``tls`` and an address
-    that is not loopback, this raises CleartextTokenError, unless ``insecure=True`` (default
-    ``$GENIE_INSECURE``) says the network is trusted.
-    """
-    if tls is None and address is not None:
-        tls = tls_from_env(os.environ.get("GENIE_TLS"))
-    b = RemoteBackend(address, token if token is not None else os.environ.get("GENIE_TOKEN"),
-                      residency=residency, tls=tls, insecure=insecure)
-    try:
-        b.connect()
-    except BaseException:
-        b.close()
-        raise
-    old = _backend._backend
-    _backend.set_backend(b)
-    if isinstance(old, RemoteBackend):
-        old.close()
-    return b
+    return from_env()  # type: ignore[return-value]

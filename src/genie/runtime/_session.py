@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import sys
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -175,9 +176,11 @@ class Session:
     # -- runs --------------------------------------------------------------------------------------
     def post_run(self, graph: Graph, inputs: list[torch.Tensor], fetch: list[int], keep: list[int],
                  data: dict[str, torch.Tensor], stages: StageSchedule | None, stream: list[int],
-                 trace: bool, names: list[int]) -> Waiter:
+                 trace: bool, names: list[int],
+                 send: Callable[[Message, Callable[[Message], None]], Waiter] | None = None) -> Waiter:
         """Build and queue the run message, then its streamed inputs. No checkpoint in here: slot
-        state must follow post order, and the inputs must follow their run."""
+        state must follow post order, and the inputs must follow their run. ``send`` posts it
+        instead of the connection's queue (the direct path: written from the caller's thread)."""
         inputs = [wire_tensor(t) for t in inputs]  # first: a bad input must leave no slot state
         stats = self.stats
         inline = [d for d in data if d not in self.known or (not self.residency and not data[d].is_meta)]
@@ -207,7 +210,8 @@ class Session:
             self.handles.difference_update(names)
             self.conn.free_later(list(reply["handles"]))
 
-        waiter = self.conn.post(Message("run", fields, buffers), orphan=orphan)
+        msg = Message("run", fields, buffers)
+        waiter = self.conn.post(msg, orphan=orphan) if send is None else send(msg, orphan)
         self.handles.update(names)
         for h in names:
             self.makers[h] = waiter

@@ -13,6 +13,8 @@ Call tree::
                                           refuses any other write to a constant's memory
       Interpreter(...)                    no schedule: program order
       StagedInterpreter(...)              a schedule: stage by stage, get_input / on_output hooks
+      tiers.run(key, ...)                 a replayed program with no schedule: the interpreter, then
+                                          generated code, then Inductor (``_tiers``)
       compute(lambda: interp.run(inputs)) the caller's wrapper (a server's device stream and slot)
       -> values of graph.outputs, and the staged run's timeline
 """
@@ -32,6 +34,7 @@ from genie.graph import written_sources as _derived_writes
 from genie.server._interpreter import Interpreter, own_storage
 from genie.server._residency import ConstantPool, Residents
 from genie.server._staged import StagedInterpreter, Timeline
+from genie.server._tiers import RunValues, Tiers, program_key
 
 T = TypeVar("T")
 
@@ -44,18 +47,28 @@ def run_graph(graph: Graph, inputs: Sequence[torch.Tensor | None], *, device: to
             on_output: Callable[[int, torch.Tensor], None] | None = None, early: Collection[int] = (),
             meter: bool = False, on_node: Callable[[Node], None] | None = None,
             compute: Callable[[Callable[[], list[torch.Tensor]]], list[torch.Tensor]] | None = None,
-            ) -> tuple[list[torch.Tensor], Timeline | None]:
+            tiers: Tiers | None = None) -> tuple[list[torch.Tensor], Timeline | None]:
     """Run ``graph`` on ``inputs`` (a None is a streamed input ``get_input`` binds when its first
     reader's stage starts); with ``schedule``, stage by stage, calling ``on_output(i, value)`` for
     each output ``i`` in ``early`` right after its stage. ``written``: digests of constants the
-    program writes (derived from the op schemas when not given). Returns the output values and,
-    for a staged run, its timeline."""
+    program writes (derived from the op schemas when not given). ``tiers``: a replayed program (a
+    filled template) runs at its tier, unless it streams inputs, sends outputs early or is timed.
+    Returns the output values and, for a staged run, its timeline."""
+    # a schedule matters only for what it streams in, sends early or times: without those, a staged
+    # run is its program, and may run at its tier
+    plain = schedule is None or (not early and not meter and all(t is not None for t in inputs))
+    key = program_key(graph) if tiers is not None and plain else None
     if written is None:
         written, _ = written_sources(graph)
     clones: dict[str, torch.Tensor] = {}
     if written:  # constants are shared (or the caller's own tensors): writes go to copies
         graph, clones = private_constants(graph, written, constants)
         constants = ChainMap(clones, constants)  # type: ignore[arg-type]
+    if key is not None:
+        assert tiers is not None
+        bound = RunValues(graph, inputs, constants, residents or {}, clones.keys(), on_node)  # type: ignore[arg-type]
+        tiered = lambda: tiers.run(key, bound)  # noqa: E731
+        return (compute(tiered) if compute is not None else tiered()), None
     interp: Interpreter
     if schedule is None:
         interp = Interpreter(graph, device=device, constants=constants, residents=residents, on_node=on_node,

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import trio
 
 from genie._errors import AuthenticationError, RemoteProtocolError, WeightsError
+from genie.server._peers import transfer_tenant
 from genie.server._serve import Config, ConfigError, tls_context
 from genie.server._store import WeightStore
 from genie.server._tenants import Tenants, TokensError
@@ -166,7 +167,7 @@ class Front:
         if greeted is None:
             await _close(stream)
             return
-        tenant, tls_stream, proto = greeted
+        tenant, tls_stream, proto, transfer = greeted
         try:
             if self.adopted >= lim.max_connections:
                 self.stats["refused_connections"] += 1
@@ -182,18 +183,20 @@ class Front:
         w.conns.add(conn_id)
         self.adopted += 1
         self.stats["connections"] += 1
+        # a peer server's transfer connection can only claim the one value its token names
+        adopt = {"adopt": conn_id, "peer": peer} | ({"transfer": transfer} if transfer else {})
         if tls_stream is None:
             with contextlib.suppress(*_GONE):
-                await asend_control(w.ctrl, {"adopt": conn_id, "peer": peer}, stream.socket.fileno())
+                await asend_control(w.ctrl, adopt, stream.socket.fileno())
             stream.socket.close()  # the worker holds its own descriptor of this socket now
             return
-        await self._relay(tls_stream, w, conn_id, peer)
+        await self._relay(tls_stream, w, {**adopt, "peer": f"{peer} (TLS)"})
 
     async def _greet(self, stream: trio.SocketStream, peer: str
-                     ) -> tuple[str, trio.SSLStream | None, Protocol] | None:
-        """The tenant a new connection's hello names (after the TLS handshake, if any), or None after
-        telling the client why not (a refused token, another protocol version) or when it never said
-        hello properly."""
+                     ) -> tuple[str, trio.SSLStream | None, Protocol, str | None] | None:
+        """The tenant a new connection's hello names (after the TLS handshake, if any), and the secret
+        of a peer server's transfer token (``_peers``) or None; None after telling the client why not
+        (a refused token, another protocol version) or when it never said hello properly."""
         conn: trio.SSLStream | trio.socket.SocketType = stream.socket
         if self.tls is not None:
             conn = trio.SSLStream(stream, self.tls, server_side=True, https_compatible=True)
@@ -213,7 +216,8 @@ class Front:
         if msg is None:
             self.log(f"{peer}: refused: closed by the client before its hello")
             return None
-        tenant, problem = self._check_hello(msg)
+        lent = transfer_tenant(msg["token"], self.tenants.names) if msg["version"] == VERSION else None
+        tenant, problem = (lent[0], None) if lent is not None else self._check_hello(msg)
         if problem is not None:
             self.stats["refused_hellos"] += 1
             self.log(f"{peer}: refused: {problem}")
@@ -221,7 +225,8 @@ class Front:
                 await send_parts(conn, proto.send(error_message(0, problem)))
             return None
         self.log(f"{peer}: hello ok (protocol {VERSION}, tenant {tenant!r})")
-        return tenant, (conn if self.tls is not None else None), proto  # type: ignore[return-value]
+        return (tenant, (conn if self.tls is not None else None), proto,  # type: ignore[return-value]
+                lent[1] if lent is not None else None)
 
     def _check_hello(self, msg: Message) -> tuple[str, Exception | None]:
         if msg["version"] != VERSION:
@@ -234,11 +239,11 @@ class Front:
             return "", AuthenticationError("bad token")
         return tenant, None
 
-    async def _relay(self, tls_stream: trio.SSLStream, w: Worker, conn_id: int, peer: str) -> None:
+    async def _relay(self, tls_stream: trio.SSLStream, w: Worker, adopt: dict) -> None:
         """Pump decrypted bytes between the TLS stream and a local socket the worker serves."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            await asend_control(w.ctrl, {"adopt": conn_id, "peer": f"{peer} (TLS)"}, theirs.fileno())
+            await asend_control(w.ctrl, adopt, theirs.fileno())
         except _GONE:
             ours.close()
             return

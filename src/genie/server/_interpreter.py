@@ -122,6 +122,7 @@ class Interpreter:
         self._device_args = {op for op, fn in self._fns.items() if _device_by_position(fn)}
         self._private = private
         self.guards = Guards(graph.structural("guards", lambda g: GuardTables.of(self._fns)), device)
+        self.conformed: set[int] | None = None  # set it to learn which nodes' outputs were laid out again
         self._kinds: dict[str, Callable[[Node], Any]] = {
             INPUT: self.bind_input, CONST: self.bind_constant, RESIDENT: self.bind_resident}
 
@@ -140,7 +141,10 @@ class Interpreter:
     def step(self, node: Node) -> None:
         """Run ``node``, then drop the values it was the last reader of."""
         # the client's metadata sized this run: hold the value to it (laid out as declared)
-        self._values[node.id] = check_output(node, self.run_node(node))
+        raw = self.run_node(node)
+        value = self._values[node.id] = check_output(node, raw)
+        if value is not raw and self.conformed is not None:
+            self.conformed.add(node.id)
         if self.on_node is not None:
             self.on_node(node)
         for dead in self._dead_after.get(node.id, ()):

@@ -140,7 +140,7 @@ def run_job(job: Job, *, server: Server, residents: Residents, lender: Lender | 
                                  residents=residents, schedule=job.schedule, layout=job.layout,
                                  written=job.written, meter=job.trace,
                                  on_node=job.cancel.check if job.cancel is not None else None,
-                                 compute=server.device.compute, **hooks)
+                                 compute=server.device.compute, tiers=server.tiers, **hooks)
         finally:
             check_untouched(server.pool, versions)
     server.stats["compute_seconds"] += time.perf_counter() - t0

@@ -42,6 +42,7 @@ from genie.graph import (
 from genie.server._memory import check_metas, check_sizes
 from genie.server._memory import predict as predict_peak
 from genie.server._residency import MissingScheduleError
+from genie.server._tiers import mark_program
 from genie.transport import Message
 
 if TYPE_CHECKING:
@@ -147,6 +148,7 @@ class RunReader:
         if template is None:
             template = self.server.templates[parts.digest] = Template(parts.skeleton)
         graph.shared = template.shared
+        mark_program(graph, template.digest, template.program_ints(parts.ints, graph))
         self.slots[slot] = RegisteredTemplate(template, parts.ints, parts.ints, parts.strs, graph,
                                               filled=False)
 
@@ -179,6 +181,7 @@ class RunReader:
             graph = slot.graph
         else:
             graph = slot.template.fill(ints, strs)
+            mark_program(graph, slot.template.digest, slot.template.program_ints(ints, graph))
         slot.prev, slot.last, slot.strs, slot.graph, slot.filled = slot.last, ints, strs, graph, True
         self.server.stats["template_hits"] += 1
         return graph, n_graph

@@ -38,6 +38,7 @@ from genie.server._inbound import Inbound
 from genie.server._inline import confirm, runs_inline
 from genie.server._job import Cancel, Job, JobResult, Lender, run_job, written_sources
 from genie.server._order import Ticket
+from genie.server._peers import on_lend, on_pull
 from genie.transport import Message, RunCancelledError
 
 if TYPE_CHECKING:
@@ -357,6 +358,8 @@ REQUESTS: dict[str, Callable[[ConnectionHandler, Message], Awaitable[Message | P
     "free": on_free,
     "stats": on_stats,
     "weights": on_weights,
+    "lend": on_lend,  # server to server (``_peers``)
+    "pull": on_pull,
 }
 
 

@@ -14,6 +14,7 @@ import ssl
 import threading
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import trio
@@ -23,6 +24,7 @@ from genie.graph import StageSchedule, Template
 from genie.server._device import Device
 from genie.server._residency import ConstantPool
 from genie.server._store import WeightStore
+from genie.server._tiers import COMPILE_MIN_MS, Tiers, best_mode
 from genie.transport import Limits
 
 
@@ -45,6 +47,23 @@ class Config:
     tokens_file: str | None = None  # --tokens: one tenant:token per line (re-read on SIGHUP)
     ops: str = "vetted"  # --ops: "vetted" (ops real models use, arguments checked) or "all" (trusted)
     weights: str | None = None  # --weights DIR: a read-only store of .safetensors files
+    peers: frozenset[str] = frozenset()  # --peers: the only "host:port"s this server pulls values from
+    compile: str | None = None  # --compile off|codegen|inductor: the highest tier (None: the best here)
+    compile_cache: str | None = None  # --compile-cache DIR: compiled programs (None: default_compile_cache())
+
+
+def default_compile_cache() -> str:
+    """Where compiled programs persist: ``$XDG_CACHE_HOME/genie/compile`` (``~/.cache`` by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "genie", "compile")
+
+
+def compile_min_ms() -> float:
+    """``$GENIE_COMPILE_MIN_MS``: programs faster than this at tier 1 are not compiled (default 1)."""
+    try:
+        return max(0.0, float(os.environ.get("GENIE_COMPILE_MIN_MS", COMPILE_MIN_MS)))
+    except ValueError:
+        return COMPILE_MIN_MS
 
 
 class ConfigError(GenieError):
@@ -104,6 +123,9 @@ class Server:
         self.open_connections = 0
         self.memory_cap: int | None = None  # this worker's data-segment cap (``_workers.cap_memory``)
         self.stats: Counter[str] = Counter()
+        cache = Path(config.compile_cache or default_compile_cache())
+        self.tiers = Tiers(config.compile or best_mode(), cache, self.device.device, self.stats,
+                           reserve=self.pool.run_reservation, min_ms=compile_min_ms())
         if self.device.cuda and lim.memory_limit:  # the caching allocator's own hard cap
             total = torch.cuda.get_device_properties(self.device.device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, lim.memory_limit / total), self.device.device)
@@ -133,7 +155,8 @@ class Server:
                 "device_name": name, "total_memory": total, "memory_allocated": allocated,
                 "max_memory_allocated": peak,
                 "store_bytes_loaded": self.store.bytes_loaded if self.store else 0,
-                "store_tensors_loaded": self.store.tensors_loaded if self.store else 0}
+                "store_tensors_loaded": self.store.tensors_loaded if self.store else 0,
+                "compile": self.tiers.mode, "tiers": self.tiers.report()}
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:

@@ -208,6 +208,7 @@ def _data_bytes() -> int:
 
 async def _serve_tenant(ctrl_std: socket.socket, config: Config, tenant: str) -> None:
     from genie.server._handler import ConnectionHandler
+    from genie.server._peers import serve_lent
     from genie.server._serve import Server, cuda_problem
 
     ctrl = trio.socket.from_stdlib_socket(ctrl_std)
@@ -223,11 +224,14 @@ async def _serve_tenant(ctrl_std: socket.socket, config: Config, tenant: str) ->
     server.memory_cap = cap_memory(config.limits.memory_limit)
     await asend_control(ctrl, {"ready": str(server.device), "pid": os.getpid()})
 
-    async def serve_one(conn_id: int, fd: int, peer: str) -> None:
+    async def serve_one(conn_id: int, fd: int, peer: str, transfer: str | None) -> None:
         sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
         server.open_connections += 1
         try:
-            await ConnectionHandler(server, sock, peer).serve()
+            if transfer is not None:  # a peer server claiming one lent value, and nothing else
+                await serve_lent(server, sock, transfer, peer)
+            else:
+                await ConnectionHandler(server, sock, peer).serve()
         except Exception as e:  # never let one connection take the worker down
             print(f"genie serve: {peer}: internal error: {e!r}", file=sys.stderr, flush=True)
         finally:
@@ -247,5 +251,7 @@ async def _serve_tenant(ctrl_std: socket.socket, config: Config, tenant: str) ->
                 if fd is not None:
                     os.close(fd)
                 continue
-            nursery.start_soon(serve_one, msg["adopt"], fd, str(msg.get("peer", "?")))
+            transfer = msg.get("transfer")
+            nursery.start_soon(serve_one, msg["adopt"], fd, str(msg.get("peer", "?")),
+                               transfer if type(transfer) is str else None)
         nursery.cancel_scope.cancel()

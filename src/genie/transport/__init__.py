@@ -9,7 +9,15 @@ from genie.transport._errors import (
     error_from_message,
     error_message,
 )
-from genie.transport._io import GONE, close_now, receive_message, send_now, send_parts, writable_now
+from genie.transport._io import (
+    GONE,
+    close_now,
+    free_ports,
+    receive_message,
+    send_now,
+    send_parts,
+    writable_now,
+)
 from genie.transport._limits import LIMITS, Limit, Limits
 from genie.transport._protocol import (
     CLIENT,
@@ -29,7 +37,6 @@ from genie.transport._tensors import DTYPES, as_bytes
 
 __all__ = ["BufferPool", "CLIENT", "CLOSED", "DEFAULT_MAX_FRAME", "DTYPES", "ERROR_KINDS", "GONE", "LIMITS",
            "MESSAGES", "Limit", "Limits", "NEED_DATA", "PREFIX", "SERVER", "TRANSITIONS", "VERSION",
-           "Message",
-           "MissingOnServerError", "Protocol", "RunCancelledError", "State", "as_bytes", "close_now",
-           "error_from_message", "error_message", "receive_message", "send_now", "send_parts",
-           "writable_now"]
+           "Message", "MissingOnServerError", "Protocol", "RunCancelledError", "State", "as_bytes",
+           "close_now", "error_from_message", "error_message", "free_ports", "receive_message", "send_now",
+           "send_parts", "writable_now"]

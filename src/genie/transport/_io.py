@@ -117,3 +117,16 @@ def close_now(stream: Stream) -> None:
         stream = stream.socket
     if isinstance(stream, trio.socket.SocketType):
         stream.close()
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports free now (bound together, then let go): for servers whose
+    addresses must be known before they start (peers that list each other)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()

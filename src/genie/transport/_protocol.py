@@ -181,6 +181,13 @@ MESSAGES: dict[str, Spec] = {
     "cancel": Spec(18, CLIENT, {"id": _I}),
     "weights": Spec(19, CLIENT, {"id": _I, "name": _S}),
     "index": Spec(20, SERVER, {"id": _I, "tensors": _L}),
+    # server to server (``genie.server._peers``): the client asks server i to lend kept values under
+    # a one-shot token, then asks server j to pull them from i; i sends them to j as one ``value``
+    "lend": Spec(21, CLIENT, {"id": _I, "handles": _INTS}),
+    "lent": Spec(22, SERVER, {"id": _I, "token": _S, "nbytes": _I}),
+    "pull": Spec(23, CLIENT, {"id": _I, "peer": _S, "token": _S, "names": _INTS, "dtypes": _STRS,
+                              "shapes": ListOf(_INTS)}),
+    "value": Spec(24, SERVER, {"id": _I}),
 }
 _BY_CODE = {s.code: k for k, s in MESSAGES.items()}
 _READY_KINDS = {(s.sender, k) for k, s in MESSAGES.items() if k not in ("hello", "welcome")}
@@ -363,6 +370,11 @@ class Protocol:
                 return
             # bytes past this payload cannot be parsed before the payload is taken by next_event
         self._buf += data
+
+    @property
+    def between_frames(self) -> bool:
+        """Nothing of a frame received yet: a reader may start on a new one here."""
+        return self._frame is None and not self._buf and not self._skip
 
     def receive_buffer(self) -> memoryview | None:
         """Where the next payload bytes go (``recv_into`` it), or None: use ``receive_data``."""
