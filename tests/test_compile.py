@@ -288,3 +288,27 @@ def test_scalar_inside_an_argument_object_is_guarded(remote):
         o.scale = scale
         torch.testing.assert_close(f(x.to(DEV), o).cpu(), x * scale)
     assert f.records == 2 and f.replays == 2
+
+
+def _attend(q, k, v, pad):
+    n = q.shape[-2]
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal[None, None]
+                                                            & pad[:, None, None, :].bool())
+
+
+@torch.no_grad()
+def test_a_replay_never_keeps_a_mask_folded_from_the_recordings_values(remote):
+    """The recording's padding mask is all ones (the attention looks causal when folded); replays with
+    a padded position, then all ones again, equal eager: no fusion fact outlives the value it came from."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    qd, kd, vd = (t.to(DEV) for t in (q, k, v))
+    full = torch.ones(1, 8, dtype=torch.long)
+    padded = full.clone()
+    padded[0, 2] = 0
+    f = genie.compile(_attend)
+    for pad in (full, full, padded, padded, full):
+        torch.testing.assert_close(f(qd, kd, vd, pad.to(DEV)).cpu(), _attend(q, k, v, pad))
+    assert f.replays >= 3
+    assert not torch.allclose(_attend(q, k, v, padded), _attend(q, k, v, full))  # the masks matter
