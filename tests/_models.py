@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 from torch import nn
+
+LLM_SERVER_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "llm_server.py"
 
 
 def gpt2(n_layer: int = 2, attn: str = "sdpa") -> nn.Module:
@@ -70,3 +75,22 @@ def convnet() -> nn.Module:
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
     return net.eval()
+
+
+def llm_server_example():
+    """``examples/llm_server.py`` as a module (its ``build_model`` and friends)."""
+    spec = importlib.util.spec_from_file_location("llm_server_example", LLM_SERVER_EXAMPLE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@torch.no_grad()
+def greedy(model, prompt: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens after ``prompt``, eagerly, recomputing the whole prefix each step."""
+    ids, out = torch.tensor([prompt]), []
+    for _ in range(n):
+        t = int(model(ids).logits[0, -1].argmax())
+        out.append(t)
+        ids = torch.cat([ids, torch.tensor([[t]])], 1)
+    return out

@@ -6,48 +6,28 @@ CPU, with plain transformers (no cache: the whole sequence again for each token)
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
-import torch
 import trio
+from _models import LLM_SERVER_EXAMPLE, greedy, llm_server_example
 from _server_fixtures import ServerProcess, server  # noqa: F401
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "llm_server.py"
 PROMPTS = [([5, 7, 9, 11], 12), ([1], 5), ([3, 3, 3], 20), ([100, 2, 64, 17, 8, 99], 9),
            ([42] * 10, 16), ([7, 8], 1), ([120, 0, 1, 2, 3], 24), ([66, 77, 88], 7)]
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location("llm_server_example", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@torch.no_grad()
-def _greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids, out = torch.tensor([prompt]), []
-    for _ in range(n):
-        t = int(model(ids).logits[0, -1].argmax())
-        out.append(t)
-        ids = torch.cat([ids, torch.tensor([[t]])], 1)
-    return out
 
 
 class Example:
     """One ``python examples/llm_server.py`` child; its URL is read from its first line of stdout."""
 
     def __init__(self, *args: str, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(EXAMPLE), "--port", "0", *args], env=env,
+        self.proc = subprocess.Popen([sys.executable, str(LLM_SERVER_EXAMPLE), "--port", "0", *args], env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self._err = bytearray()
         threading.Thread(target=self._drain, daemon=True).start()
@@ -122,8 +102,8 @@ async def _stream(client: httpx.AsyncClient, url: str, prompt: list[int], n: int
 
 async def test_concurrent_streams_equal_eager(example) -> None:
     ex, model_name = example
-    model = _example().build_model(model_name)
-    want = [_greedy(model, p, n) for p, n in PROMPTS]
+    model = llm_server_example().build_model(model_name)
+    want = [greedy(model, p, n) for p, n in PROMPTS]
     got: list[list[int] | None] = [None] * len(PROMPTS)
     async with httpx.AsyncClient(timeout=120) as client:
         async def one(i: int) -> None:

@@ -11,14 +11,13 @@ many recordings and replays), never milliseconds: ``bench/serve.py`` measures th
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import threading
-from pathlib import Path
 
 import _server_fixtures as fx
 import pytest
 import torch
 import trio
+from _models import greedy, llm_server_example
 from torch import nn
 
 import genie
@@ -26,7 +25,6 @@ import genie
 server, remote = fx.server, fx.remote  # fixtures, by name
 DEV = "remote_accelerator:0"
 WAIT = 60.0  # seconds a thread waits for the loop before the test calls it stuck
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "llm_server.py"
 
 
 def _mlp() -> nn.Module:
@@ -208,31 +206,16 @@ async def test_a_cancelled_call_still_keeps_its_recording(remote):
 
 
 # -- the example: prompt lengths bucketed, so prefill replays --------------------------------------
-def _example():
-    spec = importlib.util.spec_from_file_location("llm_server_example", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@torch.no_grad()
-def _greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids, out = torch.tensor([prompt]), []
-    for _ in range(n):
-        t = int(model(ids).logits[0, -1].argmax())
-        out.append(t)
-        ids = torch.cat([ids, torch.tensor([[t]])], 1)
-    return out
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 async def test_prompts_of_one_bucket_replay_one_prefill_and_equal_eager(remote, name):
-    llm = _example()
+    llm = llm_server_example()
     gen = llm.Generator(llm.build_model(name))
     cpu = llm.build_model(name)
     prompts = [[5, 7, 9, 11, 13, 15, 17, 19, 21], list(range(30, 43)), [3] * 16]  # 9, 13, 16: bucket 16
     for prompt in prompts:
         got = [t async for t in gen.stream(prompt, 4)]
-        assert got == _greedy(cpu, prompt, 4), prompt
+        assert got == greedy(cpu, prompt, 4), prompt
     assert gen.prefill.records == 1 and gen.prefill.replays == len(prompts) - 1
     assert gen.decode.records == 1 and gen.decode.replays == len(prompts) * 3 - 1

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from genie._errors import GenieError, RemoteExecutionError, RemoteMemoryError
-from genie.graph import CONST, INPUT, RESIDENT, SOURCE_OPS, Graph, Node, Ref, registry, resolve_op
-from genie.server._guards import Guards, GuardTables
+from genie.graph import CONST, INPUT, RESIDENT, Graph, Node, Ref, registry, resolve_op
+from genie.server._guards import Guards, guard_tables
 from genie.server._interpreter import fused_ops, out_of_memory, own_storage
 from genie.server._memory import check_output
 
@@ -116,8 +116,7 @@ class Program:
         dead = graph.dead_after()
         keep = {r.node for r in graph.outputs}
         checked = set(conformed)
-        ops = {n.op for n in graph.nodes if n.op not in SOURCE_OPS}
-        special = graph.structural("guards", lambda g: GuardTables.of(ops)).special
+        special = guard_tables(graph).special
         for n in graph.nodes:
             v = f"v{int(n.id)}"
             node = w.obj(n)

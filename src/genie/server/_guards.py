@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from genie._errors import UnsupportedOpError
-from genie.graph import UNDECLARED_WRITES, Node, enum_args, overload, registry
+from genie.graph import SOURCE_OPS, UNDECLARED_WRITES, Graph, Node, enum_args, overload, registry
 from genie.server._bounds import BadIndexError, Call, Check, Ranges, Signature, signature
 from genie.server._checks import index_check, packet
 from genie.server._rng import call_seeded, is_seeded
@@ -105,6 +105,12 @@ class GuardTables:
         random = frozenset(op for op, f in facts.items() if f.random)
         ops = frozenset(checks) | frozenset(enums) | frozenset(writes)
         return cls(checks, enums, writes, fresh, random, ops, ops | fresh | random)
+
+
+def guard_tables(graph: Graph) -> GuardTables:
+    """``graph``'s ops sorted by what the guards do for them, once per structure (every tier asks)."""
+    return graph.structural("guards", lambda g: GuardTables.of({n.op for n in g.nodes
+                                                                 if n.op not in SOURCE_OPS}))
 
 
 class Guards:

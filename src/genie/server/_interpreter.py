@@ -34,7 +34,7 @@ import torch
 
 from genie._errors import RemoteExecutionError, RemoteMemoryError, UnsupportedOpError
 from genie.graph import CONST, INPUT, RESIDENT, SOURCE_OPS, Graph, Node, Ref, map_refs, resolve_op
-from genie.server._guards import Guards, GuardTables
+from genie.server._guards import Guards, guard_tables
 from genie.server._memory import check_output
 
 _FUSED: dict[str, dict[str, Callable]] = {}  # device type -> fused-op table
@@ -121,7 +121,7 @@ class Interpreter:
             self._fns[op] = resolve_op(op, fused_ops(device) if op.startswith("genie.") else None)
         self._device_args = {op for op, fn in self._fns.items() if _device_by_position(fn)}
         self._private = private
-        self.guards = Guards(graph.structural("guards", lambda g: GuardTables.of(self._fns)), device)
+        self.guards = Guards(guard_tables(graph), device)
         self.conformed: set[int] | None = None  # set it to learn which nodes' outputs were laid out again
         self._kinds: dict[str, Callable[[Node], Any]] = {
             INPUT: self.bind_input, CONST: self.bind_constant, RESIDENT: self.bind_resident}

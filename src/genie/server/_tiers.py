@@ -44,9 +44,9 @@ from pathlib import Path
 import torch
 
 from genie._errors import GenieError
-from genie.graph import CONST, RESIDENT, SOURCE_OPS, Graph, Node
+from genie.graph import CONST, RESIDENT, Graph, Node
 from genie.server._codegen import Program
-from genie.server._guards import Guards, GuardTables
+from genie.server._guards import Guards, guard_tables
 from genie.server._inductor import (
     Compiled,
     CompileError,
@@ -230,8 +230,7 @@ class Tiers:
             self.stats["tier1_programs"] += 1
 
     def _guards(self, graph: Graph) -> Guards:
-        ops = {n.op for n in graph.nodes if n.op not in SOURCE_OPS}
-        return Guards(graph.structural("guards", lambda g: GuardTables.of(ops)), self.device)
+        return Guards(guard_tables(graph), self.device)
 
     def _tier1(self, program: Program, run: RunValues) -> list[torch.Tensor]:
         out = program.run(run.graph, run.inputs, constants=run.constants, residents=run.residents,
@@ -308,8 +307,7 @@ class Tiers:
     # -- compiling -----------------------------------------------------------------------------------
     def _consider_compile(self, state: ProgramTiers, run: RunValues, out: Sequence) -> None:
         graph = run.graph
-        ops = {n.op for n in graph.nodes if n.op not in SOURCE_OPS}
-        tables = graph.structural("guards", lambda g: GuardTables.of(ops))
+        tables = guard_tables(graph)
         sig = ("draws random numbers or allocates unwritten memory" if tables.random or tables.fresh
                else signature(graph, run.inputs, run.constants, run.residents, out))
         if isinstance(sig, str):  # random draws and fresh memory need the interpreter's guards
