@@ -1,264 +1,295 @@
-"""Concurrent generation sessions on one event loop: Genie (genie.call + fetch) against local eager.
+"""Many users on one server: N client processes generating at once, batched by the server or not.
 
-    python bench/serve.py                 # small GPT-2 (4 layers, d=256), 1/4/8/16 sessions, 32 tokens
-    python bench/serve.py --quick         # tiny GPT-2, 1/4 sessions, 8 tokens
-    python bench/serve.py --loop asyncio --sessions 1,8 --tokens 64
+    python bench/serve.py                      # Llama and GPT-2 (small), 1/4/8/16 sessions, 32 tokens
+    python bench/serve.py --quick              # Llama (small), 1/8 sessions, 16 tokens
+    python bench/serve.py --model gpt2 --sessions 1,8 --tokens 64
 
-Drives ``Generator.stream`` of examples/llm_server.py (the HTTP server's whole inference path) with
-no HTTP in between, so what is measured is the model path and the event loop, not the web stack.
-Each mode runs on a fresh model, its startup heap frozen as the example's server freezes it
-(``freeze_startup_heap``: a full garbage collection of ~380,000 objects otherwise holds the GIL
-for ~200 ms), in this order:
+Each session is a process of its own, with its own connection, as separate users are: it builds the
+model (``examples/llm_server.py``'s seeded small configs), moves it to ``remote_accelerator:0`` (the
+weights upload once per server: clients share them by content digest), records its steps once
+(``Generator.warmup``), then generates in rounds that all sessions start at once: unmeasured ones
+until the server has traced and checked every batch size they form (its counters stop moving), then
+the measured one. Each greedy-generates its prompt (5 to 12 tokens: the prompts and so the
+positions differ) and reports when each token came.
 
-- ``cold``: 8 sessions on a model no request has used yet: Genie uploads its weights and records
-  every step (prefill per prompt bucket, decode) while the sessions run. Nothing is warmed up.
-- ``warm``: 1/4/8/16 sessions with the same prompt lengths (8 to 11 tokens).
-- ``new lengths``: 8 sessions whose prompts (20 to 27 tokens) fall in buckets never seen, so their
-  prefills record while the others decode.
+Two servers, each ``genie serve --workers 1`` with one thread (the targets' setting): the default,
+which batches the ready decode steps of one program across sessions, and ``--max-batch 1``, which
+runs each alone. Beside them, local eager PyTorch in this process: one session (batch 1), and
+``generate`` with a static cache at batch N (what a local GPU owner who batches by hand gets).
 
-Per row: tokens/s over all sessions; time to first token and the per-token latency (between a
-session's successive tokens; p50 and p90 over every session); the event loop's lag (a ticker sleeps
-1 ms and records how late it woke: what any other request on this loop waits), worst and p99, and
-WHERE the worst happened: a garbage collection (which holds the GIL, in any thread), else the
-phase (``llm_server.PHASE``: new request, prefill, decode, fetch) of the loop's task steps that ran
-while the ticker was late, else "off the loop" (the GIL held by another thread, the OS running
-something else); the longest single task step and its phase; bytes sent
-and received per token (``genie.stats()``, prefill included). Separately, the bytes and round trips
-of one decode step alone. Tokens must equal eager's. Writes bench/results/serve.json.
+Per row: aggregate tokens/s (every session's tokens over the time from the start line to the last
+token), time to first token (p50 over sessions), per-token latency p50 and p90 (the gaps between a
+session's tokens), mean batch size (the server's counters); each ratio is against one session on
+the same server. Where the CPU goes, per token: the clients' (mean over sessions), the server
+worker's (from /proc), its compute (``compute_seconds``: runs and batches), and the share of batch
+time spent copying sessions' values in and written rows out. Every session's tokens must equal its
+eager greedy run. Writes bench/results/serve.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import gc
-import importlib.util
+import json
+import os
 import statistics
+import subprocess
 import sys
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import anyio
-import sniffio
-import torch
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 from _common import report  # noqa: E402
 
-import genie  # noqa: E402
-
-_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "llm_server.py"
-_spec = importlib.util.spec_from_file_location("llm_server_example", _EXAMPLE)
-llm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(llm)
-
-STALL_SESSIONS = 8  # the cold and new-lengths rows
-SHORT, LONG = 8, 20  # prompt lengths: SHORT..SHORT+3 (cold, warm), LONG..LONG+7 (new lengths)
+EXAMPLE = HERE.parent / "examples" / "llm_server.py"
+MAX_WARM_ROUNDS = 8  # unmeasured rounds at most, while the server traces and checks batch sizes
+WARM_COUNTERS = ("batch_traces", "batch_checks", "batch_trace_failures", "tier1_programs")
 
 
-def _prompt(i: int, vocab: int, first: int, spread: int) -> list[int]:
-    """Session ``i``'s prompt, of length ``first + i % spread``."""
-    g = torch.Generator().manual_seed(i)
-    return torch.randint(0, vocab, (first + i % spread,), generator=g).tolist()
+def _example():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("llm_server_example", EXAMPLE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-# -- where the loop spent its time ------------------------------------------------------------------
-class Steps:
-    """Every step of every task on the loop: (start, end, label), where the label is the phase the
-    task was in (``llm_server.PHASE``) or, for a task that is not a session, its name. Trio reports
-    steps to an instrument; asyncio runs each as a ``Handle``, timed by wrapping ``Handle._run``."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[float, float, str]] = []
-        self.collections: list[tuple[float, float, str]] = []  # the garbage collector's, any thread
-        self._started: dict[object, tuple[float, str]] = {}
-        self._gc_start = 0.0
-
-    def _gc(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._gc_start = time.perf_counter()
-        else:
-            where = threading.current_thread().name
-            self.collections.append((self._gc_start, time.perf_counter(),
-                                     f"gc gen {info['generation']} ({where})"))
-
-    def __enter__(self) -> Steps:
-        gc.callbacks.append(self._gc)
-        if sniffio.current_async_library() == "asyncio":
-            self._run = asyncio.events.Handle._run
-            steps = self
-
-            def timed(handle: asyncio.events.Handle) -> None:
-                before = steps._label(handle._context, handle)
-                t0 = time.perf_counter()
-                steps._run(handle)
-                steps._close(t0, before, steps._label(handle._context, handle))
-
-            asyncio.events.Handle._run = timed
-        else:
-            import trio
-
-            trio.lowlevel.add_instrument(self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        gc.callbacks.remove(self._gc)
-        if sniffio.current_async_library() == "asyncio":
-            asyncio.events.Handle._run = self._run
-        else:
-            import trio
-
-            trio.lowlevel.remove_instrument(self)
-
-    # trio's Instrument interface
-    def before_task_step(self, task) -> None:
-        self._started[task] = (time.perf_counter(), self._label(task.context, task))
-
-    def after_task_step(self, task) -> None:
-        t0, before = self._started.pop(task, (time.perf_counter(), ""))
-        self._close(t0, before, self._label(task.context, task))
-
-    def _close(self, t0: float, before: str, after: str) -> None:
-        self.spans.append((t0, time.perf_counter(), before if before == after else f"{before} -> {after}"))
-
-    @staticmethod
-    def _label(context, owner) -> str:
-        phase = context.get(llm.PHASE, "") if context is not None else ""
-        if phase:
-            return phase
-        task = getattr(getattr(owner, "_callback", None), "__self__", owner)  # asyncio: the Task
-        name = getattr(task, "name", None) or (task.get_name() if hasattr(task, "get_name") else "")
-        return f"task {name.strip('<>').rsplit('.', 1)[-1]}" if name else "loop callback"
-
-    def worst(self) -> tuple[float, str]:
-        """The longest step: (seconds, label)."""
-        if not self.spans:
-            return 0.0, "-"
-        t0, t1, label = max(self.spans, key=lambda s: s[1] - s[0])
-        return t1 - t0, label
-
-    def during(self, start: float, end: float) -> str:
-        """What took most of ``[start, end]``: a garbage collection (it holds the GIL, whichever
-        thread runs it), else the label of the loop's steps, else "off the loop" (another thread
-        held the GIL, or the OS ran something else)."""
-        for spans in (self.collections, self.spans):
-            overlap: dict[str, float] = {}
-            for t0, t1, label in spans:
-                o = min(t1, end) - max(t0, start)
-                if o > 0:
-                    overlap[label] = overlap.get(label, 0.0) + o
-            if overlap and sum(overlap.values()) >= 0.5 * (end - start):
-                return max(overlap, key=overlap.__getitem__)
-        return "off the loop (GIL, OS)"
+def prompt(i: int, vocab: int) -> list[int]:
+    """Session ``i``'s prompt: 5 to 12 tokens, so sessions sit at different positions."""
+    g = torch.Generator().manual_seed(100 + i)
+    return torch.randint(1, vocab, (5 + i % 8,), generator=g).tolist()
 
 
-# -- one measured run ---------------------------------------------------------------------------------
-async def _session(gen, prompt: list[int], n: int, out: dict) -> None:
-    t0 = time.perf_counter()
-    times, tokens = [], []
-    async for t in gen.stream(prompt, n):
-        times.append(time.perf_counter())
-        tokens.append(t)
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-    out.update(tokens=tokens, ttft=times[0] - t0, gaps=gaps)
+# -- one session: a process of its own ----------------------------------------------------------------
+def client(model: str, index: int, tokens: int) -> None:
+    """Warm up, then on each ``warm`` line generate and say ``ready`` again; on ``last``, generate
+    and print the result as JSON."""
+    import trio
+
+    torch.set_num_threads(1)
+    llm = _example()
+    gen = llm.Generator(llm.build_model(model, "small"))
+    p = prompt(index, gen.vocab)
+
+    async def run() -> dict:
+        await gen.warmup(prompts=(llm.PROMPT_BUCKET, 2 * llm.PROMPT_BUCKET), lengths=(llm.BUCKET,))
+        while True:
+            print("ready", flush=True)
+            last = (await trio.to_thread.run_sync(sys.stdin.readline)).strip() == "last"
+            t0, cpu = time.time(), time.process_time()
+            times, out = [], []
+            async for t in gen.stream(p, tokens):
+                times.append(time.time())
+                out.append(t)
+            if last:
+                return {"start": t0, "times": times, "tokens": out, "cpu": time.process_time() - cpu}
+
+    print(json.dumps(trio.run(run)), flush=True)
 
 
-async def _run(gen, sessions: int, n: int, first: int, spread: int) -> dict:
-    results = [{} for _ in range(sessions)]
-    lags: list[tuple[float, float, float]] = []  # (lag, slept from, woke at)
-    done = anyio.Event()
+def sessions(model: str, n: int, tokens: int, server: str, warm: Callable[[], object],
+             measure: Callable[[], None]) -> list[dict]:
+    """``n`` client processes against ``server``, started together: rounds until ``warm()`` (the
+    server's trace and check counters) stops changing (every batch size these sessions form is
+    traced and trusted), then one measured round (``measure()`` is called as it starts); its
+    results."""
+    env = {**os.environ, "GENIE_SERVER": server, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, __file__, "--client", model, str(i), str(tokens)], env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for i in range(n)]
 
-    async def ticker(*, task_status=anyio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while not done.is_set():
-            t = time.perf_counter()
-            await anyio.sleep(0.001)
-            woke = time.perf_counter()
-            lags.append((woke - t - 0.001, t + 0.001, woke))
+    def ready() -> None:
+        for p in procs:
+            line = p.stdout.readline()
+            if line.strip() != "ready":
+                raise SystemExit(f"serve: a client failed ({line!r})")
 
-    s0 = genie.stats() if gen.device != "cpu" else None
-    with Steps() as steps:
-        t0 = time.perf_counter()
-        async with anyio.create_task_group() as outer:
-            await outer.start(ticker)  # ticking before the first session starts
-            async with anyio.create_task_group() as tg:
-                for i in range(sessions):
-                    tg.start_soon(_session, gen, _prompt(i, gen.vocab, first, spread), n, results[i])
-            wall = time.perf_counter() - t0
-            done.set()
-    total = sessions * n
-    gaps = sorted(g for r in results for g in r["gaps"])
+    def start(word: str) -> None:
+        for p in procs:
+            p.stdin.write(word + "\n")
+            p.stdin.flush()
+
+    try:
+        ready()  # weights uploaded, steps recorded
+        before = warm()
+        for _ in range(MAX_WARM_ROUNDS):
+            start("warm")
+            ready()
+            now = warm()
+            if now == before:
+                break
+            before = now
+        measure()
+        start("last")
+        results = []
+        for p in procs:
+            line = p.stdout.readline()
+            if not line:
+                raise SystemExit("serve: a client died")
+            results.append(json.loads(line))
+            p.wait(timeout=60)
+        return results
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def row(results: list[dict], tokens: int) -> dict:
+    start = min(r["start"] for r in results)
+    end = max(r["times"][-1] for r in results)
+    gaps = sorted(b - a for r in results for a, b in zip(r["times"], r["times"][1:], strict=False))
     q = statistics.quantiles(gaps, n=10, method="inclusive") if len(gaps) > 1 else gaps * 9
-    worst_lag, late_from, woke = max(lags)
-    step, step_label = steps.worst()
-    row = {"tokens/s": total / wall, "ttft p50 ms": statistics.median(r["ttft"] for r in results) * 1e3,
-           "tok p50 ms": statistics.median(gaps) * 1e3 if gaps else 0.0, "tok p90 ms": q[8] * 1e3,
-           "max lag ms": worst_lag * 1e3, "lag p99 ms": _p99([x[0] for x in lags]) * 1e3,
-           "max lag in": steps.during(late_from, woke),
-           "worst step ms": step * 1e3, "worst step in": step_label,
-           "tokens": [r["tokens"] for r in results]}
-    if s0 is not None:
-        s1 = genie.stats()
-        row["sent B/tok"] = (s1["bytes_sent"] - s0["bytes_sent"]) // total
-        row["recv B/tok"] = (s1["bytes_received"] - s0["bytes_received"]) // total
-    return row
+    return {"tokens/s": len(results) * tokens / (end - start),
+            "ttft p50 ms": statistics.median(r["times"][0] - r["start"] for r in results) * 1e3,
+            "tok p50 ms": statistics.median(gaps) * 1e3, "tok p90 ms": q[8] * 1e3}
 
 
-def _p99(xs: list[float]) -> float:
-    return statistics.quantiles(xs, n=100, method="inclusive")[98] if len(xs) > 1 else max(xs)
+# -- the servers ---------------------------------------------------------------------------------------
+class Server:
+    def __init__(self, *flags: str) -> None:
+        import threading
+
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "genie", "serve", "--host", "127.0.0.1", "--port", "0", "--workers", "1"]
+        self.proc = subprocess.Popen([*cmd, *flags], env=env, stdout=subprocess.PIPE, text=True,
+                                     cwd="/")  # (not the repo root: its kernels/ shadows the installed one)
+        line = self.proc.stdout.readline()
+        if "listening on" not in line:
+            raise SystemExit(f"serve: genie serve did not start ({line!r})")
+        self.address = line.split("listening on ")[1].strip()
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # (its later lines)
+
+    def stats(self) -> dict:
+        import genie
+
+        genie.connect(self.address)
+        return {k.removeprefix("server."): v for k, v in genie.stats(server=True).items()
+                if k.startswith("server.")}
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
 
-async def _decode_step_cost(gen, n: int) -> dict:
-    """Bytes and round trips between two tokens of one session alone (medians after the first two):
-    one decode step's forward and its token's fetch."""
-    keys = ("bytes_sent", "bytes_received", "round_trips")
-    snaps = []
-    async for _ in gen.stream(_prompt(0, gen.vocab, SHORT, 4), n):
-        snaps.append(genie.stats())
-    steps = [{k: b[k] - a[k] for k in keys} for a, b in zip(snaps[1:], snaps[2:], strict=False)]
-    return {k: statistics.median(s[k] for s in steps) for k in keys}
+# -- local eager ---------------------------------------------------------------------------------------
+def eager_tokens(model_name: str, n: int, tokens: int) -> tuple[list[list[int]], float]:
+    """Each of ``n`` sessions' greedy tokens, one session at a time as the example's eager Generator
+    makes them, and one session's tokens/s."""
+    import trio
+
+    llm = _example()
+    gen = llm.Generator(llm.build_model(model_name, "small"), device="cpu")
+
+    async def one(i: int) -> tuple[list[int], float]:
+        t0 = time.perf_counter()
+        out = [t async for t in gen.stream(prompt(i, gen.vocab), tokens)]
+        return out, time.perf_counter() - t0
+
+    runs = [trio.run(one, i) for i in range(n)]
+    return [out for out, _ in runs], tokens / min(seconds for _, seconds in runs)
+
+
+@torch.no_grad()
+def eager_batch(model_name: str, n: int, tokens: int) -> float:
+    """Local tokens/s of ``generate`` at batch ``n`` with a static cache (prompts left-padded)."""
+    llm = _example()
+    model = llm.build_model(model_name, "small")
+    vocab = model.config.vocab_size
+    width = max(len(prompt(i, vocab)) for i in range(n))
+    ids = torch.zeros(n, width, dtype=torch.long)
+    mask = torch.zeros(n, width, dtype=torch.long)
+    for i in range(n):
+        p = prompt(i, vocab)
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    kw = dict(attention_mask=mask, do_sample=False, cache_implementation="static", pad_token_id=0)
+    model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kw)
+    return n * tokens / (time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--client":
+        client(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, 1 and 4 sessions, 8 tokens")
+    parser.add_argument("--quick", action="store_true", help="Llama only, 1 and 8 sessions, 16 tokens")
+    parser.add_argument("--model", choices=("llama", "gpt2", "both"), default=None)
     parser.add_argument("--sessions", default=None, help="comma-separated counts (default 1,4,8,16)")
     parser.add_argument("--tokens", type=int, default=None, help="new tokens per session (default 32)")
-    parser.add_argument("--model", choices=("gpt2", "llama"), default="gpt2")
-    parser.add_argument("--loop", choices=("trio", "asyncio"), default="trio")
+    parser.add_argument("--batch-wait", default="0", help="the batched server's --batch-wait (default 0)")
+    parser.add_argument("--compile", choices=("off", "codegen", "inductor"), default="codegen",
+                        help="the servers' highest tier (default codegen: Inductor's compiles of each "
+                        "program "
+                        "and batch size take minutes of this machine's CPU, inside the measurement)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    size = "tiny" if args.quick else "small"
-    counts = [int(c) for c in (args.sessions or ("1,4" if args.quick else "1,4,8,16")).split(",")]
-    n = args.tokens or (8 if args.quick else 32)
-    plan = [("cold", STALL_SESSIONS, SHORT, 4), *(("warm", c, SHORT, 4) for c in counts),
-            ("new lengths", STALL_SESSIONS, LONG, STALL_SESSIONS)]
+    models = {"both": ["llama", "gpt2"], None: ["llama"] if args.quick else ["llama", "gpt2"]}.get(
+        args.model, [args.model])
+    counts = [int(c) for c in (args.sessions or ("1,8" if args.quick else "1,4,8,16")).split(",")]
+    tokens = args.tokens or (16 if args.quick else 32)
 
-    rows, eager_tokens = [], {}
-    for mode in ("eager", "genie"):
-        gen = llm.Generator(llm.build_model(args.model, size), device="cpu" if mode == "eager" else llm.DEV)
-        llm.freeze_startup_heap()  # as the example does once it has started
-        for run, c, first, spread in plan:
-            r = anyio.run(_run, gen, c, n, first, spread, backend=args.loop)
-            tokens = r.pop("tokens")
-            if mode == "eager":
-                eager_tokens[run, c] = tokens
-            elif tokens != eager_tokens[run, c]:
-                raise SystemExit(f"serve: genie's tokens differ from eager's ({run}, {c} sessions)")
-            rows.append({"mode": mode, "run": run, "sessions": c, **r})
-        if mode == "genie":
-            step = anyio.run(_decode_step_cost, gen, max(n, 6), backend=args.loop)
-            records = {"prefill": [gen.prefill.records, gen.prefill.replays],
-                       "decode": [gen.decode.records, gen.decode.replays]}
-    for r in rows:
-        r.setdefault("sent B/tok", 0)
-        r.setdefault("recv B/tok", 0)
-    report("serve", rows, {"model": f"{args.model}-{size}", "tokens_per_session": n, "loop": args.loop,
-                           "decode_step": step, "recordings_and_replays": records, "stats": genie.stats()})
-    print(f"one decode step: {step['bytes_sent']:.0f} B sent, {step['bytes_received']:.0f} B received, "
-          f"{step['round_trips']:.2f} round trips")
-    print(f"genie.compile recordings / replays: prefill {records['prefill']}, decode {records['decode']}")
+    rows, notes = [], {"tokens_per_session": tokens,
+                       "server": f"genie serve --workers 1 --compile {args.compile}, OMP_NUM_THREADS=1"}
+    for model in models:
+        want, single = eager_tokens(model, max(counts), tokens)
+        base: dict[str, float] = {}
+        for mode, flags in (("batched", ("--batch-wait", args.batch_wait)), ("alone", ("--max-batch", "1"))):
+            server = Server("--compile", args.compile, *flags)
+            try:
+                for n in counts:
+                    before: dict = {}
+
+                    def measure(before: dict = before, server: Server = server) -> None:
+                        before.update(server.stats())
+                        before["cpu"] = cpu_seconds(before["pid"])
+
+                    def warm(server: Server = server) -> tuple:
+                        s = server.stats()
+                        return tuple(s.get(k, 0) for k in WARM_COUNTERS)
+
+                    results = sessions(model, n, tokens, server.address, warm, measure)
+                    after = server.stats()
+                    server_cpu = (cpu_seconds(after["pid"]) - before["cpu"]) / (n * tokens)
+                    for i, r in enumerate(results):
+                        if r["tokens"] != want[i]:
+                            raise SystemExit(f"serve: {model} session {i} of {n} ({mode}): tokens differ "
+                                             "from eager")
+                    r = row(results, tokens)
+                    base.setdefault(mode, r["tokens/s"])
+                    batches = after["batches"] - before["batches"]
+                    runs = after["batched_runs"] - before["batched_runs"]
+                    rows.append({"model": model, "mode": mode, "sessions": n, **r,
+                                 "x one session": r["tokens/s"] / base[mode],
+                                 "mean batch": runs / batches if batches else 1.0,
+                                 "client cpu ms/tok": statistics.mean(x["cpu"] for x in results) / tokens
+                                 * 1e3,
+                                 "server cpu ms/tok": server_cpu * 1e3,
+                                 "compute ms/tok": (after["compute_seconds"] - before["compute_seconds"])
+                                 / (n * tokens) * 1e3,
+                                 "copy %": 100 * (after["batch_copy_seconds"] - before["batch_copy_seconds"])
+                                 / max(1e-9, after["batch_seconds"] - before["batch_seconds"])})
+            finally:
+                server.close()
+        for n in counts:  # batch 1 is the example's eager session; batch n, generate's
+            local = eager_batch(model, n, tokens) if n > 1 else single
+            rows.append({"model": model, "mode": "local eager", "sessions": n, "tokens/s": local,
+                         "ttft p50 ms": 0.0, "tok p50 ms": 0.0, "tok p90 ms": 0.0,
+                         "x one session": local / single, "mean batch": float(n), "client cpu ms/tok": 0.0,
+                         "server cpu ms/tok": 0.0, "compute ms/tok": 0.0, "copy %": 0.0})
+    report("serve", rows, notes)
     return 0
 
 

@@ -28,7 +28,7 @@ How Genie is used (docs/serving.md has the rules this follows):
   request; then the startup heap is frozen (``freeze_startup_heap``), so that no garbage
   collection of it stalls the loop.
 
-``Generator.stream`` is the whole inference path; ``bench/serve.py`` drives it without HTTP and
+``Generator.stream`` is the whole inference path; ``bench/serve_loop.py`` drives it without HTTP and
 blames any stall of the event loop on the phase named by ``PHASE``.
 """
 
@@ -59,7 +59,7 @@ SEED = 0
 BUCKET = 32  # cache lengths are rounded up to this: requests of similar sizes share one recording
 PROMPT_BUCKET = 8  # prompts are right-padded to a multiple of this: one prefill recording per bucket
 MAX_BODY = 1 << 16  # bytes of JSON a request may send
-# what the current request is doing; bench/serve.py names the phase in which the event loop stalled
+# what the current request is doing; bench/serve_loop.py names the phase in which the event loop stalled
 PHASE: contextvars.ContextVar[str] = contextvars.ContextVar("llm_server_phase", default="")
 
 
@@ -132,7 +132,7 @@ def decode(model: nn.Module, tok: torch.Tensor, cache) -> torch.Tensor:
 class Generator:
     """One model, shared by every request; each request gets its own KV cache.
 
-    ``device="cpu"`` runs the same code as plain eager PyTorch (``bench/serve.py`` compares the two).
+    ``device="cpu"`` runs the same code as plain eager PyTorch (``bench/serve_loop.py`` compares the two).
     Steps are awaited through ``genie.call``, which records on a worker thread on the calling
     thread's behalf, so the event loop never waits for a recording."""
 

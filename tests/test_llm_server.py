@@ -19,6 +19,8 @@ import trio
 from _models import LLM_SERVER_EXAMPLE, greedy, llm_server_example
 from _server_fixtures import ServerProcess, server  # noqa: F401
 
+from genie.runtime import RemoteBackend
+
 PROMPTS = [([5, 7, 9, 11], 12), ([1], 5), ([3, 3, 3], 20), ([100, 2, 64, 17, 8, 99], 9),
            ([42] * 10, 16), ([7, 8], 1), ([120, 0, 1, 2, 3], 24), ([66, 77, 88], 7)]
 
@@ -64,16 +66,17 @@ CASES = [("gpt2", "trio", "shared"), ("gpt2", "asyncio", "embedded"), ("llama", 
 
 
 @pytest.fixture(params=CASES, ids=["-".join(c) for c in CASES])
-def example(request) -> Iterator[tuple[Example, str]]:
+def example(request) -> Iterator[tuple[Example, str, ServerProcess | None]]:
     model, loop, where = request.param
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("GENIE_SERVER", None)
+    s: ServerProcess | None = None
     if where == "shared":
-        s: ServerProcess = request.getfixturevalue("server")
+        s = request.getfixturevalue("server")
         env["GENIE_SERVER"], env["GENIE_TOKEN"] = s.address, s.token
     ex = Example("--model", model, "--loop", loop, env=env)
     try:
-        yield ex, model
+        yield ex, model, s
     finally:
         ex.close()
 
@@ -101,7 +104,7 @@ async def _stream(client: httpx.AsyncClient, url: str, prompt: list[int], n: int
 
 
 async def test_concurrent_streams_equal_eager(example) -> None:
-    ex, model_name = example
+    ex, model_name, genie_server = example
     model = llm_server_example().build_model(model_name)
     want = [greedy(model, p, n) for p, n in PROMPTS]
     got: list[list[int] | None] = [None] * len(PROMPTS)
@@ -131,3 +134,9 @@ async def test_concurrent_streams_equal_eager(example) -> None:
             assert r.status_code == 400 and why in r.json()["error"], r.text
         r = await client.post(f"{ex.url}/generate", content=b"{not json")
         assert r.status_code == 400 and "not JSON" in r.json()["error"]
+    if genie_server is not None:  # the example's concurrent decode steps were taken as one batch
+        b = RemoteBackend(genie_server.address, genie_server.token)
+        try:
+            assert (await trio.to_thread.run_sync(b.server_stats))["batch_ready_max"] >= 2
+        finally:
+            b.close()

@@ -5,7 +5,7 @@ a bucket replay one prefill (examples/llm_server.py). Under trio and asyncio, ag
 ``genie serve``.
 
 What is asserted is structure (which thread recorded, that the loop ran another task meanwhile, how
-many recordings and replays), never milliseconds: ``bench/serve.py`` measures the loop's lag.
+many recordings and replays), never milliseconds: ``bench/serve_loop.py`` measures the loop's lag.
 """
 
 from __future__ import annotations

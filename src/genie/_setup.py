@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from genie._errors import GenieError
 from genie.lazy import SHAPES, install_module_hooks, register
 from genie.runtime import (
     Backend,
@@ -16,10 +17,15 @@ from genie.runtime import (
     set_executor_factory,
 )
 
+SERVING = "GENIE_SERVING"  # set in ``genie serve`` and inherited by its children (workers, compiles)
+
 
 def _default_backend() -> Backend:
     import os
 
+    if os.environ.get(SERVING):  # torch's fake tensors ask every device module ``is_available``:
+        # here that must never start or reach a server (a server is nobody's client)
+        raise GenieError("this process is a genie server: it has no remote_accelerator device of its own")
     if os.environ.get("GENIE_SERVER", "").strip() == "inprocess":  # debug: no server, no wire
         return LocalBackend("cpu")
     from genie.runtime import backend_from_env  # GENIE_SERVER=host:port, or embedded

@@ -47,6 +47,25 @@ _LIMIT_TYPES: dict[str, Callable[[str], int | float]] = {"bytes": parse_size, "c
 
 
 COMPILE_MODES = ("off", "codegen", "inductor")  # genie.server.MODES, without importing the server here
+MAX_BATCH = 32  # genie.server's default batch size, without importing the server here
+BATCH_LIMIT = 1024  # --max-batch at most: each size a program batches at is traced and compiled
+
+
+def _batch_size(text: str) -> int:
+    n = parse_count(text)
+    if n > BATCH_LIMIT:
+        raise argparse.ArgumentTypeError(f"--max-batch is at most {BATCH_LIMIT}, not {n}")
+    return n
+
+
+def _batch_wait(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.0 <= v <= 1.0:  # (nan fails both)
+        raise argparse.ArgumentTypeError(f"--batch-wait must be between 0 and 1 second, not {text!r}")
+    return v
 
 
 # -- serve ----------------------------------------------------------------------------------------
@@ -86,11 +105,18 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache", default=os.environ.get("GENIE_COMPILE_CACHE"), metavar="DIR",
                    help="where compiled programs persist, so a restarted server tiers up at once "
                    "(default: $GENIE_COMPILE_CACHE, else $XDG_CACHE_HOME/genie/compile)")
-    p.add_argument("--verbose", action="store_true", help="log connections and protocol errors")
+    p.add_argument("--max-batch", type=_batch_size, default=MAX_BATCH, metavar="N",
+                   help="runs of one replayed program (from any of a tenant's connections) that run as one "
+                   f"batch, at most; 1: no batching (default {MAX_BATCH})")
+    p.add_argument("--batch-wait", type=_batch_wait, default=0.0, metavar="SECONDS",
+                   help="how long a batch waits for more runs before it starts (default 0: it runs what is "
+                   "ready)")
+    p.add_argument("--verbose", action="store_true", help="log connections, protocol errors and batch sizes")
     p.add_argument("--exit-on-stdin-eof", action="store_true", help=argparse.SUPPRESS)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    os.environ["GENIE_SERVING"] = "1"  # genie._setup.SERVING: this process and its children are no clients
     from genie.server import Config, ConfigError, parse_peers, run_server
     from genie.transport import Limits
 
@@ -117,7 +143,8 @@ def _serve(args: argparse.Namespace) -> int:
                           exit_on_stdin_eof=args.exit_on_stdin_eof, verbose=args.verbose,
                           tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure,
                           tokens_file=args.tokens, ops=args.ops, weights=args.weights, peers=peers,
-                          compile=args.compile, compile_cache=args.compile_cache))
+                          compile=args.compile, compile_cache=args.compile_cache,
+                          max_batch=args.max_batch, batch_wait=args.batch_wait))
     except ConfigError as e:
         print(f"genie serve: {e}", file=sys.stderr)
         return 2

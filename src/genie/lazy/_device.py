@@ -101,7 +101,10 @@ def synchronize(device: torch.device | str | int | None = None) -> None:
 def is_available() -> bool:
     """Whether the server answers (``GENIE_SERVER``/``genie.connect``; unset, the embedded one,
     started on this first use). Never raises: a server that cannot be reached is False."""
-    b = backend()
+    try:
+        b = backend()
+    except GenieError:  # no backend here (inside a genie server)
+        return False
     if b is _answered():
         return True
     ask = getattr(b, "server_stats", None)

@@ -3,6 +3,7 @@
 Call tree::
 
     run_job(job, server=, residents=, lender=, send_part=)        in a worker thread
+     job_values(job, ...)             the values (a batch's check runs this alone per session)
       pool.pinned(consts)
         check inputs
         _stage_hooks(job, ...)        a run with stages:
@@ -14,13 +15,14 @@ Call tree::
           after every node: job.cancel.check()   the client cancelled: RunCancelledError, and the
                                                  values, the slot and the thread are let go
         check_untouched(...)                a shared constant that changed anyway: the run fails
+     job_result(job, values, ...)     keep what it keeps (a batch packs each session's rows so)
       -> JobResult: handles of kept values, their metas, values still to send, parts sent, timeline
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,6 +35,7 @@ from genie.server._executor import run_graph, unshared
 from genie.server._executor import written_sources as written_sources  # _requests derives writes by it
 from genie.server._inbound import Inbound
 from genie.server._residency import Residents
+from genie.server._staged import Timeline
 from genie.transport import RunCancelledError
 
 if TYPE_CHECKING:
@@ -124,6 +127,15 @@ class Lender:
 def run_job(job: Job, *, server: Server, residents: Residents, lender: Lender | None,
             send_part: Callable[[int, int, torch.Tensor], None]) -> JobResult:
     """Run (by ``_executor.run_graph``, the one path); keep what is kept; say what is left to send."""
+    values, early, tl = job_values(job, server=server, residents=residents, lender=lender,
+                                   send_part=send_part)
+    return job_result(job, values, server=server, residents=residents, early=early, timeline=tl)
+
+
+def job_values(job: Job, *, server: Server, residents: Residents, lender: Lender | None,
+               send_part: Callable[[int, int, torch.Tensor], None],
+               ) -> tuple[list, list[int], Timeline | None]:
+    """The run's output values, the fetch positions already sent as parts, its timeline."""
     t0 = time.perf_counter()
     with server.pool.pinned(job.consts):
         if job.cancel is not None:  # cancelled while it waited for the slot, or from now on
@@ -144,15 +156,21 @@ def run_job(job: Job, *, server: Server, residents: Residents, lender: Lender | 
         finally:
             check_untouched(server.pool, versions)
     server.stats["compute_seconds"] += time.perf_counter() - t0
+    return values, early, tl
+
+
+def job_result(job: Job, values: Sequence[torch.Tensor], *, server: Server, residents: Residents,
+               early: Collection[int] = (), timeline: Timeline | None = None) -> JobResult:
+    """Keep what the run keeps (its handles), and the values still to send."""
     handles = residents.keep(unshared([values[i] for i in job.keep], server.pool, job.consts), job.names)
     metas = [encode_meta(TensorMeta.of(values[i])) for i in job.keep]
     fetched = [values[i] for p, i in enumerate(job.fetch) if p not in early]
-    timeline = None
-    if job.trace and tl is not None:
+    wire = None
+    if job.trace and timeline is not None:
         receives = [["receive run", *job.received], *(job.inbound.received if job.inbound else [])]
-        timeline = {**tl.to_wire(), "receives": receives,
-                    "sends": job.send_log if job.send_log is not None else []}
-    return JobResult(handles, metas, fetched, early, timeline)
+        wire = {**timeline.to_wire(), "receives": receives,
+                "sends": job.send_log if job.send_log is not None else []}
+    return JobResult(handles, metas, fetched, list(early), wire)
 
 
 def _stage_hooks(job: Job, server: Server, lender: Lender | None,

@@ -10,6 +10,8 @@ Call tree (``ConnectionHandler.work_loop`` calls ``REQUESTS[kind](conn, msg)``, 
       _bind_inputs, _store_constants   inputs by position (streamed ones are holes); inline constants
       check_names, order.admit         the handles it names; its ticket
     -> Pending(_run)                   in a task of its own: wait for the ticket, then _execute:
+      Batcher.run                      a replayed program's run: in a batch with the same program's
+                                       other ready runs, from any connection (``_batch``); else
       _compute(run_job)                in a worker thread holding a compute slot and its predicted
                                        peak; a tiny run (``_inline.runs_inline``: CPU, no stages,
                                        few nodes and bytes, proven from the graph) on the event
@@ -274,9 +276,12 @@ async def _execute(conn: ConnectionHandler, job: Job, peak: int, ticket: Ticket,
         given = [t for t in job.inputs if t is not None]
         staged = iter(await trio.to_thread.run_sync(device.stage, given))
         job.inputs = [None if t is None else next(staged) for t in job.inputs]
-    run = functools.partial(run_job, job, server=server, residents=conn.residents,
-                            send_part=functools.partial(_queue_part, conn))
-    out = await _compute(conn, run, job, peak)
+    # a replayed program's run joins a batch of the same program's ready runs (``_batch``)
+    out = await server.batcher.run(conn, job, peak) if server.batcher is not None else None
+    if out is None:
+        run = functools.partial(run_job, job, server=server, residents=conn.residents,
+                                send_part=functools.partial(_queue_part, conn))
+        out = await _compute(conn, run, job, peak)
     fetched = out.fetched
     if device.cuda:
         fetched = await trio.to_thread.run_sync(device.to_host, fetched)

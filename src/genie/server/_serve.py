@@ -21,6 +21,7 @@ import trio
 
 from genie._errors import GenieError
 from genie.graph import StageSchedule, Template
+from genie.server._batch import BATCH_COUNTERS, MAX_BATCH, Batcher
 from genie.server._device import Device
 from genie.server._residency import ConstantPool
 from genie.server._store import WeightStore
@@ -50,6 +51,8 @@ class Config:
     peers: frozenset[str] = frozenset()  # --peers: the only "host:port"s this server pulls values from
     compile: str | None = None  # --compile off|codegen|inductor: the highest tier (None: the best here)
     compile_cache: str | None = None  # --compile-cache DIR: compiled programs (None: default_compile_cache())
+    max_batch: int = MAX_BATCH  # --max-batch: runs of one program run as one batch, at most (1: no batching)
+    batch_wait: float = 0.0  # --batch-wait: seconds a batch waits for more runs before it starts
 
 
 def default_compile_cache() -> str:
@@ -126,6 +129,9 @@ class Server:
         cache = Path(config.compile_cache or default_compile_cache())
         self.tiers = Tiers(config.compile or best_mode(), cache, self.device.device, self.stats,
                            reserve=self.pool.run_reservation, min_ms=compile_min_ms())
+        self.batcher = Batcher(self, config.max_batch, config.batch_wait) if config.max_batch > 1 else None
+        for k in BATCH_COUNTERS:  # present from the start: a client reads them before any batch
+            self.stats[k] += 0
         if self.device.cuda and lim.memory_limit:  # the caching allocator's own hard cap
             total = torch.cuda.get_device_properties(self.device.device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, lim.memory_limit / total), self.device.device)
@@ -156,7 +162,8 @@ class Server:
                 "max_memory_allocated": peak,
                 "store_bytes_loaded": self.store.bytes_loaded if self.store else 0,
                 "store_tensors_loaded": self.store.tensors_loaded if self.store else 0,
-                "compile": self.tiers.mode, "tiers": self.tiers.report()}
+                "compile": self.tiers.mode, "tiers": self.tiers.report(),
+                **(self.batcher.report() if self.batcher is not None else {"max_batch": 1})}
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
