@@ -116,7 +116,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    os.environ["GENIE_SERVING"] = "1"  # genie._setup.SERVING: this process and its children are no clients
+    from genie._setup import SERVING
+
+    os.environ[SERVING] = "1"  # this process and its children (workers, compiles) are nobody's clients
     from genie.server import Config, ConfigError, parse_peers, run_server
     from genie.transport import Limits
 

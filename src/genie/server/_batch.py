@@ -62,7 +62,7 @@ from genie.server._batched import (
     stack_rows,
     unbatchable,
 )
-from genie.server._job import Job, JobResult, Lender, check_given_inputs, job_result, job_values
+from genie.server._job import Job, JobResult, Lender, check_job, early_fetches, job_result, job_values
 from genie.server._tiers import RunValues, close, program_key
 
 if TYPE_CHECKING:
@@ -150,8 +150,7 @@ class Batcher:
         program = program_key(job.graph)
         if program is None or job.inbound is not None or job.trace or job.written:
             return None
-        stages = job.schedule  # a staged run is its program unless it sends outputs early
-        if stages is not None and any(stages.ready[i] < stages.n_stages - 1 for i in job.fetch):
+        if early_fetches(job):  # a staged run is its program unless it sends outputs early
             return None
         if unbatchable(job.graph) is not None:
             return None
@@ -248,12 +247,9 @@ class Batcher:
         live = []
         for i, e in enumerate(entries):  # a cancelled run or a bad input leaves before the batch
             try:
-                if e.job.cancel is not None:
-                    e.job.cancel.check()
-                check_given_inputs(e.job.graph, e.job.inputs)
-            except (TypeError, GenieError) as err:
-                results[i] = outcome.Error(err if isinstance(err, GenieError)
-                                           else RemoteExecutionError(str(err), op="genie.input"))
+                check_job(e.job)
+            except GenieError as err:
+                results[i] = outcome.Error(err)
             else:
                 live.append(i)
         for i, r in zip(live, self._in_batches(plan, [entries[i] for i in live]), strict=True):

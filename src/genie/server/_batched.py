@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
+from collections import ChainMap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -276,11 +277,8 @@ def bucket(n: int, max_batch: int) -> int:
 
 
 def constants_for(batched: Batched, pool: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    if not batched.constants:
-        return pool
-    from collections import ChainMap
-
-    return ChainMap(batched.constants, pool)  # type: ignore[arg-type]
+    """What the batched graph's CONST nodes read: the pool, and the tensors its trace made."""
+    return ChainMap(batched.constants, pool) if batched.constants else pool  # type: ignore[arg-type]
 
 
 __all__ = ["Batched", "batched_program", "bucket", "constants_for", "sources", "stack_rows", "unbatchable",

@@ -138,13 +138,8 @@ def job_values(job: Job, *, server: Server, residents: Residents, lender: Lender
     """The run's output values, the fetch positions already sent as parts, its timeline."""
     t0 = time.perf_counter()
     with server.pool.pinned(job.consts):
-        if job.cancel is not None:  # cancelled while it waited for the slot, or from now on
-            job.cancel.check()
+        check_job(job)
         versions = {d: server.pool[d]._version for d in dict.fromkeys(job.consts)}
-        try:
-            check_given_inputs(job.graph, job.inputs)
-        except (TypeError, GenieError) as e:
-            raise RemoteExecutionError(str(e), op="genie.input") from e
         early: list[int] = []
         hooks = _stage_hooks(job, server, lender, send_part, early) if job.schedule is not None else {}
         try:
@@ -179,11 +174,7 @@ def _stage_hooks(job: Job, server: Server, lender: Lender | None,
     final before the last stage sent as parts (their fetch positions added to ``early``)."""
     assert job.schedule is not None
     device, inbound = server.device, job.inbound
-    parts: dict[int, list[int]] = {}  # output -> its fetch positions, if final before the last stage
-    last = job.schedule.n_stages - 1
-    for p, i in enumerate(job.fetch):
-        if job.schedule.ready[i] < last:
-            parts.setdefault(i, []).append(p)
+    parts = early_fetches(job)
 
     def get_input(pos: int) -> torch.Tensor:
         t = job.inputs[pos]
@@ -203,6 +194,29 @@ def _stage_hooks(job: Job, server: Server, lender: Lender | None,
             early.append(p)
 
     return {"get_input": get_input, "on_output": on_output, "early": parts}
+
+
+def check_job(job: Job) -> None:
+    """Before a run computes: its cancellation (cancelled while it waited for the slot, or for its
+    batch), then its given inputs, a bad one named as the client's fault."""
+    if job.cancel is not None:
+        job.cancel.check()
+    try:
+        check_given_inputs(job.graph, job.inputs)
+    except (TypeError, GenieError) as e:
+        raise RemoteExecutionError(str(e), op="genie.input") from e
+
+
+def early_fetches(job: Job) -> dict[int, list[int]]:
+    """A staged run's outputs final before its last stage, each with its fetch positions: what it
+    sends as parts (none: the run is its program, whatever its stages)."""
+    parts: dict[int, list[int]] = {}
+    if job.schedule is not None:
+        last = job.schedule.n_stages - 1
+        for p, i in enumerate(job.fetch):
+            if job.schedule.ready[i] < last:
+                parts.setdefault(i, []).append(p)
+    return parts
 
 
 def check_given_inputs(graph: Graph, inputs: list) -> None:
