@@ -6,6 +6,7 @@ import gc
 import json
 import socket
 import sys
+import threading
 import time
 
 import _server_fixtures as fx
@@ -274,6 +275,24 @@ async def test_cancelled_run_frees_what_it_kept(server, remote):
             stats = await trio.to_thread.run_sync(remote.server_stats)
             if stats["resident_bytes"] == 0 and stats["runs"] >= 1:
                 break
+
+
+def test_a_finalizer_freeing_while_frees_are_taken_neither_deadlocks_nor_is_lost(remote):
+    """A garbage collection can run while the bridge holds the free queue's lock (taking the
+    frees): a LazyTensor's finalizer then frees on that same thread, under that lock."""
+    (torch.ones(4).to("remote_accelerator:0") + 1).cpu()  # connected: free() queues
+    done = threading.Event()
+
+    def collect_inside() -> None:
+        with remote._frees_lock:
+            remote.free(987654321)
+        done.set()
+
+    t = threading.Thread(target=collect_inside, daemon=True)
+    t.start()
+    t.join(10)
+    assert done.is_set(), "free() deadlocked under the free queue's own lock"
+    assert 987654321 in remote._frees or not remote._frees  # queued, or already drained
 
 
 def test_dropped_tensors_are_freed_in_batches(remote):

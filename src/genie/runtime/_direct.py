@@ -68,7 +68,7 @@ def run_direct(b: RemoteBackend, graph: Graph, inputs: list[torch.Tensor], fetch
         if not paused or not conn.direct_ready() or not b._can_post_now(sess, data, None):
             return None
         sess.check_residents(graph)
-        frees = _take_frees(b, sess)
+        frees = b._take_frees(sess)
         written: list[bool] = []
 
         def post(msg: Message, orphan) -> Waiter:
@@ -124,23 +124,6 @@ def _result(sess: Session, graph: Graph, waiter: Waiter, n_fetch: int, names: li
         return None
 
 
-def _take_frees(b: RemoteBackend, sess: Session) -> list[int]:
-    """The handles finalizers freed (``RemoteBackend.free``), to ride on this run: as
-    ``_drain_frees``, handed over here rather than through the connection's free queue."""
-    with b._frees_lock:
-        if b._pins:
-            handles = [h for h in b._frees if h not in b._pins]
-            b._frees = [h for h in b._frees if h in b._pins]
-        else:
-            handles, b._frees = b._frees, []
-    for h in handles:
-        sess.failed.pop(h, None)
-    mine = [h for h in handles if h in sess.handles]
-    sess.handles.difference_update(mine)
-    return mine
-
-
-# -- the socket, from the caller's thread --------------------------------------------------------
 def _post(conn: Connection, msg: Message, orphan, frees: list[int]) -> Waiter:
     """``Connection.post`` of a run, written here and now, ``frees`` on it."""
     if conn.closed or conn._gone:

@@ -122,7 +122,8 @@ class RemoteBackend:
         self._lock = threading.Lock()
         self._frees: list[int] = []  # freed by finalizers, not yet handed to the connection
         self._pins: dict[int, int] = {}  # handle -> submitted runs reading it, not yet posted
-        self._frees_lock = threading.Lock()
+        # reentrant: a garbage collection under it can run a finalizer that frees, on this thread
+        self._frees_lock = threading.RLock()
         # handles: ours to name; the bits from HANDLE_SHIFT up say which server of a set holds one
         self._names = itertools.count((index << HANDLE_SHIFT) + random.randrange(1, 1 << (HANDLE_SHIFT - 4)))
         # runs reach the server in the order they were made (one may read the handles an earlier
@@ -320,21 +321,27 @@ class RemoteBackend:
             self._session = None
 
     def _drain_frees(self) -> None:
-        with self._frees_lock:
-            if self._pins:
-                handles = [h for h in self._frees if h not in self._pins]
-                self._frees = [h for h in self._frees if h in self._pins]
-            else:
-                handles, self._frees = self._frees, []
         sess = self._session
-        if sess is None:
-            return
-        for h in handles:
-            sess.failed.pop(h, None)
-        mine = [h for h in handles if h in sess.handles]
-        if mine:
-            sess.handles.difference_update(mine)
+        mine = self._take_frees(sess)
+        if mine and sess is not None:
             sess.conn.free_later(mine)
+
+    def _take_frees(self, sess: Session | None) -> list[int]:
+        """Take the handles finalizers freed (``free``) that no submitted run still reads; those of
+        them ``sess`` holds, to send. The queue is swapped out first, so that a finalizer freeing
+        during a collection inside (the lock is reentrant) appends to the new one, not lost."""
+        with self._frees_lock:
+            taken, self._frees = self._frees, []
+            if self._pins:
+                self._frees.extend(h for h in taken if h in self._pins)
+                taken = [h for h in taken if h not in self._pins]
+        if sess is None:
+            return []
+        for h in taken:
+            sess.failed.pop(h, None)
+        mine = [h for h in taken if h in sess.handles]
+        sess.handles.difference_update(mine)
+        return mine
 
     def _start_run(self, reply: Callable[[outcome.Outcome], None], graph: Graph, inputs: list[torch.Tensor],
                    fetch: list[int], keep: list[int], constants: dict[str, torch.Tensor],
